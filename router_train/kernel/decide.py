@@ -1,0 +1,188 @@
+"""One decision step for a batch of queries: which model to run next, or stop and which answer to return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..strategy import Strategy
+from .candidates import TIE_TOL, Candidates, build_candidates, choose
+from .sobol import normal_samples
+
+CHOLESKY_EPS = 1e-9
+"""Jitter added to Σ's diagonal before its Cholesky factorization (Σ is ~0 for models already run)."""
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How the kernel computes, not what it decides: sample count and seed, backend, precision, chunking."""
+
+    n_samples: int = 100
+    seed: int = 0
+    method: str = "auto"  # auto | zeta | levels
+    dtype: torch.dtype = torch.float32
+    chunk_size: int = 256
+    tie_tol: float = TIE_TOL
+
+
+@dataclass
+class StepDecision:
+    """The kernel's output for B queries."""
+
+    next_model: torch.Tensor  # (B,) long: model to run next, -1 to stop
+    answer_model: torch.Tensor  # (B,) long: run model whose answer to return (-1 if none has run)
+    supermodel: torch.Tensor  # (B,) long bitmask of the chosen supermodel S* (the run set when stopping)
+
+
+def factorize(cov: torch.Tensor | None, *, eps: float = CHOLESKY_EPS, dtype: torch.dtype = torch.float32):
+    """Cholesky factor of `Σ + εI` per query, as standard deviations `(B, k)` when every Σ is diagonal.
+
+    Raises a ValueError naming the first query whose Σ is not a finite, symmetric PSD matrix.
+    """
+    if cov is None:
+        return None
+    if cov.dim() != 3 or cov.shape[1] != cov.shape[2]:
+        raise ValueError(f"cov must have shape (B, k, k), got {tuple(cov.shape)}")
+    cov = cov.to(torch.float64)
+    bad = ~torch.isfinite(cov).flatten(1).all(1)
+    if bad.any():
+        raise ValueError(f"cov of query {int(bad.nonzero()[0])} has NaN or infinite entries")
+    asym = (cov - cov.transpose(1, 2)).abs().flatten(1).amax(1) > 1e-9 * (1 + cov.abs().flatten(1).amax(1))
+    if asym.any():
+        raise ValueError(f"cov of query {int(asym.nonzero()[0])} is not symmetric")
+    diag = torch.diagonal(cov, dim1=1, dim2=2)
+    if (diag < 0).any():
+        raise ValueError(f"cov of query {int((diag < 0).any(1).nonzero()[0])} has a negative variance")
+    if torch.count_nonzero(cov - torch.diag_embed(diag)) == 0:
+        return (diag + eps).sqrt().to(dtype)
+    eye = torch.eye(cov.shape[1], dtype=torch.float64, device=cov.device)
+    chol, info = torch.linalg.cholesky_ex(cov + eps * eye)
+    if (info > 0).any():
+        raise ValueError(f"cov of query {int((info > 0).nonzero()[0])} is not positive semi-definite")
+    return chol.to(dtype)
+
+
+def answer_models(quality: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """The run model with the highest (post-hoc) estimated quality, first on ties; -1 where none ran."""
+    masked = quality.to(torch.float64).masked_fill(~run, float("-inf"))
+    best = masked.argmax(1)
+    return torch.where(run.any(1), best, -1)
+
+
+def run_masks(run: torch.Tensor) -> torch.Tensor:
+    """Bitmask (int64) of each row of a `(B, k)` boolean run matrix."""
+    k = run.shape[1]
+    weights = torch.ones(k, dtype=torch.long, device=run.device) << torch.arange(k, device=run.device)
+    return (run.long() * weights).sum(1)
+
+
+def _check_inputs(quality, cost, run, strategy: Strategy) -> None:
+    if quality.dim() != 2:
+        raise ValueError(f"quality must have shape (B, k), got {tuple(quality.shape)}")
+    if cost.shape != quality.shape:
+        raise ValueError(f"cost must have the shape of quality {tuple(quality.shape)}, got {tuple(cost.shape)}")
+    if run.shape != quality.shape or run.dtype != torch.bool:
+        raise ValueError(f"run must be a bool tensor of shape {tuple(quality.shape)}, got {run.dtype} {tuple(run.shape)}")
+    if quality.shape[1] > 62:
+        raise ValueError(f"at most 62 models are supported, got k={quality.shape[1]}")
+    for name, x in (("quality", quality), ("cost", cost)):
+        bad = ~torch.isfinite(x).all(1)
+        if bad.any():
+            raise ValueError(f"{name} of query {int(bad.nonzero()[0])} has NaN or infinite entries")
+    if (cost < 0).any():
+        raise ValueError(f"cost of query {int((cost < 0).any(1).nonzero()[0])} is negative")
+    if strategy.mode in ("cascade", "threshold_cascade"):
+        t = run.sum(1, keepdim=True)
+        prefix = torch.arange(run.shape[1], device=run.device).unsqueeze(0) < t
+        bad = (run != prefix).any(1)
+        if bad.any():
+            raise ValueError(
+                f"mode {strategy.mode!r} runs models in cost order, but the run set of query "
+                f"{int(bad.nonzero()[0])} is not a prefix of it"
+            )
+
+
+def step_candidates(
+    quality: torch.Tensor,
+    factor: torch.Tensor | None,
+    cost: torch.Tensor,
+    run: torch.Tensor,
+    strategy: Strategy,
+    config: KernelConfig,
+) -> Candidates:
+    """Candidates for rows that all have the same number of run models (below the depth cap)."""
+    k = quality.shape[1]
+    z = normal_samples(config.n_samples, k, config.seed, dtype=config.dtype, device=quality.device)
+    return build_candidates(
+        quality.to(config.dtype),
+        factor,
+        cost,
+        run,
+        z,
+        max_depth=min(strategy.max_depth, k),
+        prefix_only=strategy.mode == "cascade",
+        force_order=strategy.force_order,
+        method=config.method,
+    )
+
+
+def decide(
+    quality: torch.Tensor,
+    cost: torch.Tensor,
+    run: torch.Tensor,
+    strategy: Strategy,
+    *,
+    cov: torch.Tensor | None = None,
+    expensive: torch.Tensor | None = None,
+    config: KernelConfig = KernelConfig(),
+) -> StepDecision:
+    """Decide the next step for B queries.
+
+    `quality` (B, k): post-hoc estimates for run models, ex-ante for the others; `cov` (B, k, k) their
+    uncertainty Σ or None; `cost` (B, k): estimated costs; `run` (B, k) bool: models already run;
+    `expensive` (B,) bool: break ties towards the most expensive supermodel (default: the cheapest).
+    Queries are processed in chunks of `config.chunk_size`, grouped by step, so memory stays bounded.
+    """
+    _check_inputs(quality, cost, run, strategy)
+    b, k = quality.shape
+    device = quality.device
+    if expensive is None:
+        expensive = torch.zeros(b, dtype=torch.bool, device=device)
+    factor = factorize(cov, dtype=config.dtype)
+    t_all = run.sum(1)
+    next_model = torch.full((b,), -1, dtype=torch.long, device=device)
+    supermodel = run_masks(run)
+    for t in range(min(strategy.max_depth, k)):
+        group = (t_all == t).nonzero().squeeze(1)
+        for start in range(0, group.numel(), config.chunk_size):
+            rows = group[start : start + config.chunk_size]
+            if strategy.mode == "threshold_cascade":
+                step = threshold_step(quality[rows], t, strategy, expensive[rows], config.tie_tol)
+                next_model[rows] = step
+                supermodel[rows] |= torch.where(step >= 0, torch.ones_like(step) << step.clamp(min=0), 0)
+                continue
+            cands = step_candidates(
+                quality[rows], None if factor is None else factor[rows], cost[rows], run[rows], strategy, config
+            )
+            pick = choose(cands, strategy.lambdas[t], expensive[rows], tie_tol=config.tie_tol)
+            next_model[rows] = cands.next_model(pick)
+            supermodel[rows] = cands.mask(pick)
+    if strategy.mode == "threshold_cascade":
+        last = torch.where(run.any(1), t_all - 1, -1)
+        answer = torch.where(next_model < 0, last, answer_models(quality, run))
+    else:
+        answer = answer_models(quality, run)
+    return StepDecision(next_model, answer, supermodel)
+
+
+def threshold_step(
+    quality: torch.Tensor, t: int, strategy: Strategy, expensive: torch.Tensor, tie_tol: float = TIE_TOL
+) -> torch.Tensor:
+    """Thresholding cascade at step t: run m_0 first; after m_{t-1}, go on to m_t iff q̂_{t-1} < 1 - θ_t."""
+    b = quality.shape[0]
+    if t == 0:
+        return torch.zeros(b, dtype=torch.long, device=quality.device)
+    gap = quality[:, t - 1].to(torch.float64) - (1.0 - strategy.thresholds[t - 1])
+    go = (gap < -tie_tol) | ((gap.abs() <= tie_tol) & expensive)
+    return torch.where(go, t, -1)

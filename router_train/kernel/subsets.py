@@ -1,0 +1,72 @@
+"""Enumeration of the subsets a supermodel may add to a run set, in one fixed order.
+
+At a step with `t` models already run, a candidate supermodel is `R ∪ T` with `T` a subset of the
+`n = k - t` models not yet run (taken in ascending model index) and `|T| <= max_size`. Subsets are
+listed by size, then in `itertools.combinations` order, so index 0 is the empty set (stop) and every
+subset's parent (itself without its lowest element) comes before it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SubsetTable:
+    """All subsets of `range(n)` with at most `max_size` elements, with the indices the kernel needs."""
+
+    n: int
+    max_size: int
+    bits: torch.Tensor  # (M, n) bool: membership
+    size: torch.Tensor  # (M,) long
+    first: torch.Tensor  # (M,) long: lowest element, -1 for the empty set
+    parent: torch.Tensor  # (M,) long: index of the subset without its lowest element, -1 for empty
+    prefix_len: torch.Tensor  # (M,) long: j if the subset is {0..j-1}, else -1
+    level_starts: tuple[int, ...]  # level_starts[s]: index of the first subset of size s; len max_size + 2
+
+    @property
+    def count(self) -> int:
+        return int(self.bits.shape[0])
+
+    def level(self, s: int) -> slice:
+        """Index range of the subsets of size `s`."""
+        return slice(self.level_starts[s], self.level_starts[s + 1])
+
+
+def count_subsets(n: int, max_size: int) -> int:
+    """Number of subsets of an n-set with at most `max_size` elements (the empty set included)."""
+    return sum(math.comb(n, s) for s in range(0, min(n, max_size) + 1))
+
+
+@functools.lru_cache(maxsize=128)
+def subset_table(n: int, max_size: int) -> SubsetTable:
+    """Build (and cache) the subset table for `n` free models and at most `max_size` additions."""
+    if n < 0 or max_size < 0:
+        raise ValueError(f"subset_table needs n >= 0 and max_size >= 0, got n={n}, max_size={max_size}")
+    max_size = min(max_size, n)
+    subsets: list[tuple[int, ...]] = []
+    level_starts = []
+    for s in range(max_size + 1):
+        level_starts.append(len(subsets))
+        subsets.extend(itertools.combinations(range(n), s))
+    level_starts.append(len(subsets))
+    index = {sub: i for i, sub in enumerate(subsets)}
+    m = len(subsets)
+    bits = torch.zeros(m, n, dtype=torch.bool)
+    first = torch.full((m,), -1, dtype=torch.long)
+    parent = torch.full((m,), -1, dtype=torch.long)
+    prefix_len = torch.full((m,), -1, dtype=torch.long)
+    for i, sub in enumerate(subsets):
+        if sub:
+            bits[i, list(sub)] = True
+            first[i] = sub[0]
+            parent[i] = index[sub[1:]]
+        if sub == tuple(range(len(sub))):
+            prefix_len[i] = len(sub)
+    size = bits.sum(1)
+    return SubsetTable(n, max_size, bits, size, first, parent, prefix_len, tuple(level_starts))
