@@ -48,6 +48,14 @@ class Candidates:
             cost=self.cost[rows], valid=self.valid[rows], index=index,
         )
 
+    @staticmethod
+    def cat(parts: list["Candidates"]) -> "Candidates":
+        """Concatenate candidates of the same step and width along the query dimension."""
+        first = parts[0]
+        index = None if first.index is None else torch.cat([p.index for p in parts])
+        fields = ("comp", "run_mask", "value", "cost", "valid")
+        return Candidates(first.t, first.table, *(torch.cat([getattr(p, f) for p in parts]) for f in fields), index)
+
     def subsets(self, pick: torch.Tensor) -> torch.Tensor:
         """Table subset index of the picked column per row."""
         if self.index is None:

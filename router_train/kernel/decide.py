@@ -8,7 +8,9 @@ import torch
 
 from ..strategy import Strategy
 from .candidates import TIE_TOL, Candidates, build_candidates, choose
+from .expected_max import ZETA_MAX_MODELS
 from .sobol import normal_samples
+from .subsets import count_subsets
 
 CHOLESKY_EPS = 1e-9
 """Jitter added to Σ's diagonal before its Cholesky factorization (Σ is ~0 for models already run)."""
@@ -127,6 +129,18 @@ def step_candidates(
     )
 
 
+CHUNK_ELEMENTS = 1 << 22
+"""Largest per-chunk working set (elements) of the expected-max backends: keeps memory bounded."""
+
+
+def chunk_rows(k: int, t: int, max_depth: int, config: KernelConfig) -> int:
+    """Queries per chunk at step t: `config.chunk_size`, fewer when each query's working set is large."""
+    depth = min(max_depth, k)
+    table_size = count_subsets(k - t, depth - t)
+    per_row = max(table_size * config.n_samples, (1 << k) if k <= ZETA_MAX_MODELS else 0)
+    return max(1, min(config.chunk_size, CHUNK_ELEMENTS // per_row))
+
+
 def decide(
     quality: torch.Tensor,
     cost: torch.Tensor,
@@ -155,8 +169,9 @@ def decide(
     supermodel = run_masks(run)
     for t in range(min(strategy.max_depth, k)):
         group = (t_all == t).nonzero().squeeze(1)
-        for start in range(0, group.numel(), config.chunk_size):
-            rows = group[start : start + config.chunk_size]
+        chunk = chunk_rows(k, t, strategy.max_depth, config)
+        for start in range(0, group.numel(), chunk):
+            rows = group[start : start + chunk]
             if strategy.mode == "threshold_cascade":
                 step = threshold_step(quality[rows], t, strategy, expensive[rows], config.tie_tol)
                 next_model[rows] = step

@@ -1,0 +1,170 @@
+"""Budget calibration: fit the multipliers of a strategy so its mean training cost meets a budget.
+
+As in method.md: one shared multiplier by bisection, then per-step multipliers by a seeded TPE
+search (optuna), then a final bisection of their common scale and the tie-break probability γ so that
+the expected mean cost equals the budget. Every evaluation is a full lock-step simulation of the
+training split, cheap because the simulator caches all λ-independent work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import optuna
+
+from .simulate import Simulator
+from .strategy import Strategy
+
+LAMBDA_MODES = ("routing", "cascade", "cascade_routing")
+THRESHOLD_RANGE = (-10.0, 10.0)
+"""Search range of the thresholding cascade's θ (continue while q̂ < 1 - θ)."""
+
+
+@dataclass
+class Fit:
+    """A calibrated strategy with its expected mean cost and quality on the training split."""
+
+    strategy: Strategy
+    cost: float
+    quality: float
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How hard to search: bisection steps, TPE trials and the TPE search widths."""
+
+    bisect_iters: int = 40
+    n_trials: int = 50
+    seed: int = 0
+    lambda_log_range: float = 2.0  # per-step λ_t = scale · exp(u_t), u_t in [-range, range]
+    threshold_range: float = 0.3  # per-step θ_t = scale + u_t, u_t in [-range, range]
+
+
+class _Family:
+    """Strategies of one mode and depth indexed by a scalar `scale` (mean cost non-increasing in it)
+    and a per-step `shape`: λ_t = scale · shape_t, or θ_t = scale + shape_t for the thresholding cascade."""
+
+    def __init__(self, mode: str, max_depth: int, force_order: bool) -> None:
+        self.mode, self.max_depth, self.force_order = mode, max_depth, force_order
+        self.threshold = mode == "threshold_cascade"
+        self.n_params = max_depth - 1 if self.threshold else max_depth
+        self.neutral = tuple([0.0 if self.threshold else 1.0] * self.n_params)
+
+    def make(self, scale: float, shape: tuple[float, ...], gamma: float = 0.0) -> Strategy:
+        if self.threshold:
+            return Strategy(self.mode, self.max_depth, thresholds=[scale + s for s in shape], gamma=gamma)
+        return Strategy(
+            self.mode, self.max_depth, lambdas=[scale * s for s in shape], gamma=gamma, force_order=self.force_order
+        )
+
+
+def calibrate(
+    sim: Simulator,
+    mode: str,
+    budget: float,
+    *,
+    max_depth: int,
+    force_order: bool = False,
+    config: CalibrationConfig = CalibrationConfig(),
+) -> Fit:
+    """Fit a strategy of `mode` whose expected mean cost on the simulator's table is the budget."""
+    if mode == "routing":
+        max_depth = 1
+    family = _Family(mode, max_depth, force_order)
+
+    def measure(scale: float, shape: tuple[float, ...]) -> tuple[float, float]:
+        outcome = sim.run(family.make(scale, shape))
+        return outcome.mean_cost, outcome.mean_quality
+
+    scale = _bisect(lambda s: measure(s, family.neutral)[0], budget, family, config.bisect_iters)
+    shape = family.neutral
+    if family.n_params > 1 and config.n_trials > 0 and not (not family.threshold and scale == 0.0):
+        shape = _search_shape(measure, scale, budget, family, config)
+        if shape != family.neutral:
+            scale = _bisect(lambda s: measure(s, shape)[0], budget, family, config.bisect_iters)
+    return _with_gamma(sim, family, scale, shape, budget)
+
+
+def calibrate_sweep(
+    sim: Simulator,
+    mode: str,
+    budgets: list[float],
+    *,
+    max_depth: int,
+    force_order: bool = False,
+    config: CalibrationConfig = CalibrationConfig(),
+) -> list[Fit]:
+    """One calibrated strategy per budget."""
+    return [
+        calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=config) for b in budgets
+    ]
+
+
+def _bisect(cost_of: Callable[[float], float], budget: float, family: _Family, iters: int) -> float:
+    """The smallest scale (to bisection precision) whose mean cost is within the budget."""
+    if family.threshold:
+        lo, hi = THRESHOLD_RANGE
+        if cost_of(lo) <= budget:
+            return lo
+        if cost_of(hi) > budget:
+            return hi
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if cost_of(mid) > budget else (lo, mid)
+        return hi
+    if cost_of(0.0) <= budget:
+        return 0.0
+    lo, hi = 0.0, 1.0 / max(budget, 1e-300)
+    while cost_of(hi) > budget:
+        lo, hi = hi, hi * 4
+        if hi > 1e30:
+            return hi  # the budget is below the cheapest possible strategy
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+        lo, hi = (mid, hi) if cost_of(mid) > budget else (lo, mid)
+        if lo > 0 and hi / lo - 1 < 1e-12:
+            break
+    return hi
+
+
+def _search_shape(measure, scale: float, budget: float, family: _Family, config: CalibrationConfig) -> tuple:
+    """Per-step shape by TPE: maximize training quality, penalizing cost above the budget."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base_cost, base_quality = measure(scale, family.neutral)
+    penalty = max(base_quality, 1e-6) / max(base_cost, 1e-300)
+    width = config.threshold_range if family.threshold else config.lambda_log_range
+    feasible: list[tuple[float, tuple]] = [(base_quality, family.neutral)] if base_cost <= budget else []
+
+    def to_shape(u: list[float]) -> tuple[float, ...]:
+        return tuple(u) if family.threshold else tuple(math.exp(x) for x in u)
+
+    def objective(trial: optuna.Trial) -> float:
+        u = [trial.suggest_float(f"u{t}", -width, width) for t in range(family.n_params)]
+        shape = to_shape(u)
+        cost, quality = measure(scale, shape)
+        if cost <= budget:
+            feasible.append((quality, shape))
+        return quality - penalty * max(0.0, cost - budget)
+
+    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.enqueue_trial({f"u{t}": 0.0 for t in range(family.n_params)})
+    study.optimize(objective, n_trials=config.n_trials)
+    if not feasible:
+        return family.neutral
+    return max(feasible, key=lambda f: f[0])[1]
+
+
+def _with_gamma(sim: Simulator, family: _Family, scale: float, shape: tuple, budget: float) -> Fit:
+    """Set γ so the mix of the cheap and expensive tie-breaks meets the budget in expectation."""
+    strategy = family.make(scale, shape)
+    cheap = sim.run(strategy, False)
+    dear = sim.run(strategy, True)
+    c0, c1 = cheap.mean_cost, dear.mean_cost
+    gamma = min(max((budget - c0) / (c1 - c0), 0.0), 1.0) if c1 > c0 else 0.0
+    cost = (1 - gamma) * c0 + gamma * c1
+    quality = (1 - gamma) * cheap.mean_quality + gamma * dear.mean_quality
+    return Fit(family.make(scale, shape, gamma), cost, quality)
+

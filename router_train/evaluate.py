@@ -1,0 +1,224 @@
+"""Score routing strategies on a quality–cost curve, per method.md.
+
+    python -m router_train.evaluate --data TABLE [--test-data TABLE] --estimator noisy --noise low \\
+        [--models m1,m2,...] [--max-depth D] [--budgets N] [--seed S] --out DIR
+
+For each method, one strategy per budget is calibrated on the training split and scored on the test
+split (expected cost and quality, ties mixed with probability γ); the curves' AUCs come with paired
+bootstrap intervals. Writes DIR/metrics.json and DIR/curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from estimators import QualityEstimator, TruthEstimator
+
+from .calibrate import CalibrationConfig, calibrate_sweep
+from .kernel import KernelConfig
+from .metrics import (
+    auc,
+    auc_bounds,
+    bootstrap_aucs,
+    budget_grid,
+    confidence_interval,
+    curve_points,
+    single_model_points,
+    upper_hull,
+)
+from .outputs import atomic_write_json, prepare_output_dir
+from .plotting import plot_curves
+from .simulate import Simulator
+from .table import RoutingTable
+
+METHODS = ("routing", "threshold_cascade", "cascade", "cascade_routing")
+"""Calibrated methods; `linear` (hull of single models) and `oracle` (routing on the true qualities,
+calibrated on the test split: an upper bound) are always reported too."""
+
+
+@dataclass
+class EvaluationConfig:
+    """What to evaluate and how precisely."""
+
+    max_depth: int = 4
+    n_budgets: int = 20
+    methods: tuple[str, ...] = METHODS
+    force_order: bool = False
+    n_bootstrap: int = 500
+    seed: int = 0
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+@dataclass
+class MethodResult:
+    """One method's fitted strategies and their per-query expected test outcomes, one column per budget."""
+
+    strategies: list
+    cost: np.ndarray  # (n_test, n_budgets)
+    quality: np.ndarray  # (n_test, n_budgets)
+
+
+def run_method(
+    train_sim: Simulator, test_sim: Simulator, mode: str, budgets: np.ndarray, config: EvaluationConfig
+) -> MethodResult:
+    """Calibrate `mode` on the training simulator at every budget and score each fit on the test one."""
+    fits = calibrate_sweep(
+        train_sim, mode, list(budgets), max_depth=config.max_depth, force_order=config.force_order,
+        config=config.calibration,
+    )
+    outcomes = [test_sim.expected(f.strategy) for f in fits]
+    cost = torch.stack([c for c, _ in outcomes], 1).numpy()
+    quality = torch.stack([q for _, q in outcomes], 1).numpy()
+    return MethodResult([f.strategy for f in fits], cost, quality)
+
+
+def evaluate(
+    train: RoutingTable,
+    test: RoutingTable,
+    estimator: QualityEstimator,
+    config: EvaluationConfig = EvaluationConfig(),
+    log=print,
+) -> dict:
+    """Calibrate every method on `train` with a fitted `estimator`, score on `test`; returns metrics.json's dict."""
+    if train.models != test.models:
+        raise ValueError(f"train and test tables have different models: {train.models} vs {test.models}")
+    config.max_depth = min(config.max_depth, train.k)
+    train_points = single_model_points(train.quality, train.cost)
+    budgets = budget_grid(train_points[:, 0], train_points[:, 1], config.n_budgets)
+    train_sim = Simulator(train, estimator, kernel=config.kernel)
+    test_sim = Simulator(test, estimator, kernel=config.kernel)
+    results: dict[str, MethodResult] = {}
+    for mode in config.methods:
+        start = time.perf_counter()
+        results[mode] = run_method(train_sim, test_sim, mode, budgets, config)
+        log(f"  {mode}: {len(budgets)} budgets calibrated and scored in {time.perf_counter() - start:.1f}s")
+    truth = TruthEstimator().fit(test)
+    oracle_sim = Simulator(test, truth, kernel=config.kernel)
+    results["oracle"] = run_method(oracle_sim, oracle_sim, "routing", budgets, config)
+
+    test_points = single_model_points(test.quality, test.cost)
+    bounds = auc_bounds(test_points)
+    curves = {name: curve_points(r.cost, r.quality) for name, r in results.items()}
+    curves["linear"] = upper_hull(test_points)
+    aucs = {name: auc(curve, *bounds) for name, curve in curves.items()}
+    samples = bootstrap_aucs(
+        {name: (r.cost, r.quality) for name, r in results.items()},
+        test.quality.numpy(),
+        test.cost.numpy(),
+        n_resamples=config.n_bootstrap,
+        seed=config.seed,
+    )
+    order = ["linear", "oracle", *config.methods]
+    return {
+        "auc": {name: aucs[name] for name in order},
+        "auc_ci": {name: list(confidence_interval(samples[name])) for name in order},
+        "curves": {name: curves[name].tolist() for name in order},
+        "models": list(test.models),
+        "n_train": train.n,
+        "n_test": test.n,
+        "budgets": [float(b) for b in budgets],
+        "max_depth": config.max_depth,
+        "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in ["oracle", *config.methods]},
+        "single_models": {m: {"cost": float(c), "quality": float(q)} for m, (c, q) in zip(test.models, test_points)},
+    }
+
+
+def write_report(metrics: dict, out_dir, title: str = "") -> None:
+    """Write metrics.json and curves.png into an existing directory."""
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    points = np.array([[v["cost"], v["quality"]] for v in metrics["single_models"].values()])
+    plot_curves(
+        {name: np.array(c) for name, c in metrics["curves"].items()},
+        out_dir / "curves.png",
+        model_points=points,
+        model_names=list(metrics["single_models"]),
+        aucs=metrics["auc"],
+        title=title,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m router_train.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="routing table (Parquet, JSONL or CSV); its split column gives train/test")
+    p.add_argument("--test-data", help="a separate test table: --data is then all training data")
+    p.add_argument("--estimator", default="noisy", choices=["noisy"], help="quality estimator")
+    p.add_argument("--noise", default="low", choices=["low", "medium", "high"], help="noise level of --estimator noisy")
+    p.add_argument("--models", help="comma-separated model names to keep (default: all)")
+    p.add_argument("--missing", default="error", choices=["error", "drop"], help="queries lacking some model's row")
+    p.add_argument("--max-depth", type=int, default=4, help="most models run per query (default 4)")
+    p.add_argument("--budgets", type=int, default=20, help="number of budgets on the curve (default 20)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--force-order", action="store_true", help="cascade routing runs models in cost order only")
+    p.add_argument("--samples", type=int, default=100, help="quasi-Monte-Carlo samples of E[max] (default 100)")
+    p.add_argument("--trials", type=int, default=50, help="TPE trials for per-step multipliers (default 50)")
+    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the AUC intervals")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test share when the table has no split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory for metrics.json and curves.png")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    return p
+
+
+def load_split(args) -> tuple[RoutingTable, RoutingTable]:
+    """Training and test tables from --data / --test-data."""
+    from .table import load_table
+
+    models = args.models.split(",") if args.models else None
+    kw = dict(models=models, missing=args.missing, seed=args.seed)
+    if args.test_data:
+        return (
+            load_table(args.data, all_split="train", **kw),
+            load_table(args.test_data, all_split="test", **kw),
+        )
+    table = load_table(args.data, test_fraction=args.test_fraction, **kw)
+    return table.train(), table.test()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"error: --methods has unknown names {unknown}; choose from {list(METHODS)}")
+    out_dir = prepare_output_dir(args.out, overwrite=args.overwrite)
+    train, test = load_split(args)
+    if train.n == 0 or test.n == 0:
+        raise SystemExit(f"error: need training and test queries, got {train.n} and {test.n}; check --data/--test-data")
+    if args.test_data:
+        test = test.in_model_order(train.models)
+    from estimators import NoisyEstimator
+
+    estimator = NoisyEstimator(args.noise, seed=args.seed).fit(train)
+    config = EvaluationConfig(
+        max_depth=args.max_depth,
+        n_budgets=args.budgets,
+        methods=methods,
+        force_order=args.force_order,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        kernel=KernelConfig(n_samples=args.samples, seed=args.seed),
+        calibration=CalibrationConfig(n_trials=args.trials, seed=args.seed),
+    )
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log(f"evaluating {len(methods)} methods on {train.n} train / {test.n} test queries, {train.k} models")
+    metrics = evaluate(train, test, estimator, config, log=log)
+    metrics["estimator"] = {"name": args.estimator, "noise": args.noise}
+    metrics["wall_time_s"] = time.perf_counter() - start
+    write_report(metrics, out_dir, title=f"{args.data} · {args.estimator} ({args.noise})")
+    for name, value in metrics["auc"].items():
+        lo, hi = metrics["auc_ci"][name]
+        print(f"{name:>18s}  AUC {value:6.2f}  [{lo:6.2f}, {hi:6.2f}]")
+    print(f"wall time: {metrics['wall_time_s']:.1f}s -> {out_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Simulate strategies over a table whose every model output is known: all queries in lock-step.
+
+Every query starts with no model run; at each step the kernel picks the next model (or stop) for all
+active queries at once, the picked model's real output is "observed" from the table, and the next
+step follows. The estimates and the candidate supermodels of each visited state (query, run set) do
+not depend on λ, so they are computed once, pruned to those some λ >= 0 can select, and cached:
+calibration then evaluates hundreds of strategies at the cost of a few small argmaxes each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from estimators.base import Features, QualityEstimator
+
+from .kernel import Candidates, KernelConfig, answer_models, choose, factorize, step_candidates
+from .kernel.decide import chunk_rows, threshold_step
+from .kernel.prune import prune
+from .strategy import Strategy
+from .table import RoutingTable
+
+
+@dataclass
+class Outcome:
+    """What a strategy did on each query: realized true cost and quality, answer model, models run."""
+
+    cost: torch.Tensor  # (n,) float64
+    quality: torch.Tensor  # (n,) float64
+    answer: torch.Tensor  # (n,) long
+    run: torch.Tensor  # (n, k) bool
+
+    @property
+    def mean_cost(self) -> float:
+        return float(self.cost.mean())
+
+    @property
+    def mean_quality(self) -> float:
+        return float(self.quality.mean())
+
+
+class _StateStore:
+    """Tensors cached per state (row, run set) for one step t, found by a sorted key lookup."""
+
+    def __init__(self, k: int, t: int, n_rows: int) -> None:
+        self.radix = math.comb(k, t)
+        if n_rows * self.radix >= 2**62:
+            raise ValueError(f"too many queries ({n_rows}) for the state cache with k={k} models at step {t}")
+        # binom[i, m] = C(i, m): the rank of a run set in the combinatorial number system
+        self.binom = torch.tensor([[math.comb(a, b) for b in range(k + 1)] for a in range(k)], dtype=torch.long)
+        self.keys = torch.empty(0, dtype=torch.long)
+        self.slots = torch.empty(0, dtype=torch.long)
+        self.data: dict[str, torch.Tensor] = {}
+        self.table = None  # the SubsetTable of cached candidates
+
+    def key(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        members = run.long()
+        position = torch.arange(run.shape[1]).unsqueeze(0).expand_as(members)
+        rank = (members * self.binom[position, members.cumsum(1)]).sum(1)
+        return rows * self.radix + rank
+
+    def find(self, keys: torch.Tensor) -> torch.Tensor:
+        """Slot of each key, -1 where not cached."""
+        if self.keys.numel() == 0:
+            return torch.full_like(keys, -1)
+        pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
+        return torch.where(self.keys[pos] == keys, self.slots[pos], -1)
+
+    def add(self, keys: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
+        start = self.keys.numel()
+        for name, value in data.items():
+            old = self.data.get(name)
+            if old is not None and value.dim() == 2:
+                width = max(old.shape[1], value.shape[1])
+                old, value = _pad_to(old, width), _pad_to(value, width)
+            self.data[name] = value if old is None else torch.cat([old, value])
+        keys_all = torch.cat([self.keys, keys])
+        slots_all = torch.cat([self.slots, torch.arange(start, start + keys.numel())])
+        order = keys_all.argsort()
+        self.keys, self.slots = keys_all[order], slots_all[order]
+
+
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad an (N, M) tensor to `width` columns: bool with False (invalid), others repeating column 0."""
+    extra = width - x.shape[1]
+    if extra <= 0:
+        return x
+    tail = torch.zeros(x.shape[0], extra, dtype=x.dtype) if x.dtype == torch.bool else x[:, :1].expand(-1, extra)
+    return torch.cat([x, tail], 1)
+
+
+class Simulator:
+    """Runs strategies on a fully observed table with an estimator, caching the λ-independent work."""
+
+    def __init__(
+        self,
+        table: RoutingTable,
+        estimator: QualityEstimator,
+        *,
+        features: Features | None = None,
+        kernel: KernelConfig = KernelConfig(),
+        batch_size: int = 4096,
+    ) -> None:
+        self.table = table
+        self.estimator = estimator
+        self.features = estimator.featurize(table) if features is None else features
+        self.kernel = kernel
+        self.batch_size = batch_size
+        self.n, self.k = table.n, table.k
+        self._estimates: dict[int, _StateStore] = {}
+        self._candidates: dict[tuple, _StateStore] = {}
+
+    # -- cached state data ------------------------------------------------------------------
+    def _store(self, cache: dict, key, t: int) -> _StateStore:
+        if key not in cache:
+            cache[key] = _StateStore(self.k, t, self.n)
+        return cache[key]
+
+    def estimates(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        """Estimated qualities (B, k) at each state, cached."""
+        t = int(run[0].sum()) if rows.numel() else 0
+        store = self._store(self._estimates, t, t)
+        keys = store.key(rows, run)
+        slots = store.find(keys)
+        missing = (slots < 0).nonzero().squeeze(1)
+        if missing.numel():
+            new_keys, first = _unique_first(keys[missing])
+            sel = missing[first]
+            qualities = [
+                self.estimator.predict(self.features, rows[sel[i : i + self.batch_size]], run[sel[i : i + self.batch_size]])
+                .quality.to(torch.float64)
+                for i in range(0, sel.numel(), self.batch_size)
+            ]
+            store.add(new_keys, {"quality": torch.cat(qualities)})
+            slots = store.find(keys)
+        return store.data["quality"][slots]
+
+    def candidates(self, rows: torch.Tensor, run: torch.Tensor, strategy: Strategy) -> Candidates:
+        """Pruned candidate supermodels at each state for the strategy's structure, cached."""
+        t = int(run[0].sum())
+        structure = (strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k), t)
+        store = self._store(self._candidates, structure, t)
+        keys = store.key(rows, run)
+        slots = store.find(keys)
+        missing = (slots < 0).nonzero().squeeze(1)
+        if missing.numel():
+            new_keys, first = _unique_first(keys[missing])
+            sel = missing[first]
+            parts = []
+            for i in range(0, sel.numel(), self.batch_size):
+                part = sel[i : i + self.batch_size]
+                est = self.estimator.predict(self.features, rows[part], run[part])
+                factor = factorize(est.cov, dtype=self.kernel.dtype)
+                chunk = chunk_rows(self.k, t, strategy.max_depth, self.kernel)
+                for j in range(0, part.numel(), chunk):
+                    sl = slice(j, j + chunk)
+                    cands = step_candidates(
+                        est.quality[sl], None if factor is None else factor[sl], est.cost[sl], run[part][sl],
+                        strategy, self.kernel,
+                    )
+                    parts.append(prune(cands))
+            width = max(p.value.shape[1] for p in parts)
+            merged = Candidates.cat([_widen(p, width) for p in parts])
+            store.add(
+                new_keys,
+                {
+                    "value": merged.value.to(torch.float64),
+                    "cost": merged.cost,
+                    "valid": merged.valid,
+                    "index": merged.index,
+                    "comp": merged.comp,
+                    "run_mask": merged.run_mask,
+                },
+            )
+            store.table = merged.table
+            slots = store.find(keys)
+        d = store.data
+        return Candidates(
+            t, store.table, d["comp"][slots], d["run_mask"][slots], d["value"][slots], d["cost"][slots],
+            d["valid"][slots], d["index"][slots],
+        )
+
+    # -- running strategies -----------------------------------------------------------------
+    def run(self, strategy: Strategy, expensive: bool | torch.Tensor = False) -> Outcome:
+        """Run a strategy on every query with the given tie-break (all cheap, all expensive, or per query)."""
+        n, k = self.n, self.k
+        expensive = torch.as_tensor(expensive, dtype=torch.bool).expand(n)
+        run = torch.zeros(n, k, dtype=torch.bool)
+        active = torch.arange(n)
+        answer = torch.full((n,), -1, dtype=torch.long)
+        depth = min(strategy.max_depth, k)
+        for t in range(depth + 1):
+            if active.numel() == 0:
+                break
+            if t == depth:
+                stop = torch.ones(active.numel(), dtype=torch.bool)
+                nxt = torch.full((active.numel(),), -1, dtype=torch.long)
+            elif strategy.mode == "threshold_cascade":
+                quality = self.estimates(active, run[active]) if t > 0 else torch.zeros(active.numel(), k)
+                nxt = threshold_step(quality, t, strategy, expensive[active], self.kernel.tie_tol)
+                stop = nxt < 0
+            else:
+                cands = self.candidates(active, run[active], strategy)
+                pick = choose(cands, strategy.lambdas[t], expensive[active], tie_tol=self.kernel.tie_tol)
+                nxt = cands.next_model(pick)
+                stop = nxt < 0
+            done = active[stop]
+            if done.numel():
+                if strategy.mode == "threshold_cascade":
+                    answer[done] = t - 1
+                else:
+                    answer[done] = answer_models(self.estimates(done, run[done]), run[done])
+            go = ~stop
+            run[active[go], nxt[go]] = True
+            active = active[go]
+        cost = (self.table.cost * run).sum(1)
+        quality = self.table.quality.gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return Outcome(cost=cost, quality=quality, answer=answer, run=run)
+
+    def expected(self, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-query expected (cost, quality) of a strategy that breaks ties expensively with probability γ."""
+        cheap = self.run(strategy, False)
+        if strategy.gamma == 0.0:
+            return cheap.cost, cheap.quality
+        dear = self.run(strategy, True)
+        g = strategy.gamma
+        return (1 - g) * cheap.cost + g * dear.cost, (1 - g) * cheap.quality + g * dear.quality
+
+
+def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique keys and the position of each one's first occurrence."""
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((unique.numel(),), keys.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(keys.numel()), reduce="amin")
+    return unique, first
+
+
+def _widen(c: Candidates, width: int) -> Candidates:
+    """Pad candidates to `width` columns with invalid copies of the first column."""
+    index = c.index if c.index is not None else torch.arange(c.value.shape[1]).expand(len(c), -1)
+    return Candidates(
+        c.t, c.table, c.comp, c.run_mask, _pad_to(c.value, width), _pad_to(c.cost, width),
+        _pad_to(c.valid, width), _pad_to(index, width),
+    )
