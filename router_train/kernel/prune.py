@@ -3,8 +3,9 @@
 `choose` picks the best `E - λC` and breaks ties among candidates within `tie_tol` of it. A candidate
 that is more than `tie_tol` below the upper envelope `U(λ) = max_j (E_j - λ C_j)` for every λ >= 0 can
 never be picked, whatever λ and tie-break, so removing it changes no decision. The gap `U(λ) - τ_j(λ)`
-is convex in λ, so its minimum is at λ = 0, at a breakpoint of the envelope, or at λ → ∞: walking the
-envelope's breakpoints (a handful per query) is enough. Calibration evaluates hundreds of λs on cached
+is convex in λ, so its minimum is at λ = 0 or at a breakpoint of the envelope (beyond the last one the
+gap only grows, or stays for lines as cheap as the last): walking the breakpoints (a handful per
+query) is enough. Calibration evaluates hundreds of λs on cached
 candidates, so this shrinks thousands of columns to tens.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from .candidates import COST_RTOL, TIE_TOL, Candidates
+from .candidates import TIE_TOL, Candidates
 
 _MARGIN = 2 * TIE_TOL + 1e-9
 
@@ -47,8 +48,8 @@ def envelope_keep(value: torch.Tensor, cost: torch.Tensor, valid: torch.Tensor, 
         cur = torch.where(active, nxt, cur)
         cur_e, cur_c = e[rows, cur], c[rows, cur]
         lam = torch.where(active, lam_next, lam)
-    at_infinity = (c <= cur_c.unsqueeze(1) * (1 + COST_RTOL)) & (cur_e.unsqueeze(1) - e <= margin)
-    return valid & ((min_gap <= margin) | at_infinity)
+    # Past the last breakpoint the cheapest line stays on top: lines of its cost have their gap there.
+    return valid & (min_gap <= margin)
 
 
 def prune(candidates: Candidates) -> Candidates:

@@ -1,0 +1,98 @@
+"""End-to-end: the evaluate CLI on a tiny table writes the promised report and guards its output."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from factories import random_frame
+
+from estimators import NoisyEstimator
+from router_train import evaluate as evaluate_cli
+from router_train.table import load_table
+
+TINY = ["--budgets", "4", "--trials", "3", "--samples", "16", "--bootstrap", "50", "--max-depth", "3"]
+
+
+@pytest.fixture(scope="module")
+def table_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "table.parquet"
+    random_frame(120, 5, seed=4).to_parquet(path, index=False)
+    return path
+
+
+def test_cli_writes_metrics_and_plot(table_path, tmp_path, capsys):
+    out = tmp_path / "report"
+    evaluate_cli.main(["--data", str(table_path), "--estimator", "noisy", "--noise", "low", "--out", str(out), *TINY])
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = {"linear", "oracle", "routing", "threshold_cascade", "cascade", "cascade_routing"}
+    assert set(metrics["auc"]) == names and set(metrics["auc_ci"]) == names and set(metrics["curves"]) == names
+    for name in names:
+        lo, hi = metrics["auc_ci"][name]
+        assert lo <= metrics["auc"][name] + 1e-9 and metrics["auc"][name] <= hi + 1e-9
+        assert 0.0 <= metrics["auc"][name] <= 100.0
+    assert len(metrics["curves"]["routing"]) == 4
+    assert metrics["models"] == [f"model-{j}" for j in range(5)]
+    assert (metrics["n_train"], metrics["n_test"]) == (84, 36)
+    assert metrics["auc"]["oracle"] >= max(metrics["auc"][m] for m in names - {"oracle"}) - 1e-9
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wall time:" in capsys.readouterr().out
+
+
+def test_cli_refuses_to_overwrite_without_the_flag(table_path, tmp_path):
+    out = tmp_path / "report"
+    args = ["--data", str(table_path), "--out", str(out), "--methods", "routing", *TINY]
+    evaluate_cli.main(args)
+    before = (out / "metrics.json").read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate_cli.main(args)
+    assert (out / "metrics.json").read_text() == before
+    evaluate_cli.main([*args, "--overwrite"])
+
+
+def test_cli_with_separate_test_data_and_model_subset(table_path, tmp_path):
+    frame = load_table(table_path)
+    train_path, test_path = tmp_path / "train.csv", tmp_path / "test.jsonl"
+    df = random_frame(120, 5, seed=4)
+    df[df["split"] == "train"].drop(columns="split").to_csv(train_path, index=False)
+    df[df["split"] == "test"].drop(columns="split").to_json(test_path, orient="records", lines=True)
+    metrics = evaluate_cli.main(
+        ["--data", str(train_path), "--test-data", str(test_path), "--models", "model-4,model-0,model-2",
+         "--out", str(tmp_path / "r"), "--methods", "routing,cascade_routing", *TINY]
+    )
+    assert metrics["models"] == ["model-0", "model-2", "model-4"]
+    assert (metrics["n_train"], metrics["n_test"]) == (frame.train().n, frame.test().n)
+    assert set(metrics["auc"]) == {"linear", "oracle", "routing", "cascade_routing"}
+
+
+def test_cli_rejects_unknown_methods(table_path, tmp_path):
+    with pytest.raises(SystemExit, match="unknown names"):
+        evaluate_cli.main(["--data", str(table_path), "--out", str(tmp_path / "x"), "--methods", "magic"])
+
+
+def test_noisy_estimator_recalibrates_on_training_rows_only(table_path):
+    table = load_table(table_path)
+    train = table.train()
+    est = NoisyEstimator("high", seed=3).fit(train)
+    changed = table.test()
+    changed.quality = 1.0 - changed.quality
+    est2 = NoisyEstimator("high", seed=3).fit(train)
+    est2.featurize(changed)
+    assert torch.equal(est.coef_before, est2.coef_before) and torch.equal(est.variance, est2.variance)
+    # the noise of a cell depends on the seed and query id only, not on the row order
+    feats = est.featurize(train)
+    flipped = est.featurize(train.subset(torch.arange(train.n - 1, -1, -1)))
+    assert torch.equal(feats["ante"].flip(0), flipped["ante"])
+    assert not torch.equal(feats["ante"], NoisyEstimator("high", seed=4).fit(train).featurize(train)["ante"])
+    # recalibrated estimates are unbiased on the training rows; Σ is zero for run models
+    np.testing.assert_allclose(feats["ante"].mean(0), train.quality.mean(0), atol=1e-9)
+    run = torch.zeros(3, table.k, dtype=torch.bool)
+    run[:, 1] = True
+    estimate = est.predict(feats, torch.arange(3), run)
+    assert torch.all(estimate.cov[:, 1, 1] == 0) and torch.all(estimate.cov[:, 0, 0] > 0)
+    assert torch.equal(estimate.quality[:, 1], feats["post"][:3, 1])
+
+
+def test_noisy_estimator_rejects_unknown_levels():
+    with pytest.raises(ValueError, match="noise must be one of"):
+        NoisyEstimator("extreme")

@@ -1,0 +1,118 @@
+"""The cached lock-step simulator decides exactly as the kernel called step by step, and calibration meets budgets."""
+
+import numpy as np
+import pytest
+import torch
+from factories import random_table
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from estimators import NoisyEstimator
+from router_train.calibrate import CalibrationConfig, calibrate
+from router_train.kernel import KernelConfig, decide
+from router_train.kernel.candidates import Candidates, choose
+from router_train.kernel.prune import prune
+from router_train.kernel.subsets import subset_table
+from router_train.simulate import Simulator
+from router_train.strategy import Strategy
+
+KERNEL = KernelConfig(n_samples=32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    table = random_table(90, 5, seed=3)
+    estimator = NoisyEstimator("medium", seed=1).fit(table.train())
+    return table, estimator, Simulator(table, estimator, kernel=KERNEL)
+
+
+def step_by_step(table, estimator, strategy, expensive):
+    """Reference: call the kernel on every active query at every step, no caching or pruning."""
+    features = estimator.featurize(table)
+    run = torch.zeros(table.n, table.k, dtype=torch.bool)
+    answer = torch.full((table.n,), -1, dtype=torch.long)
+    active = torch.ones(table.n, dtype=torch.bool)
+    for _ in range(table.k + 1):
+        rows = active.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        est = estimator.predict(features, rows, run[rows])
+        out = decide(
+            est.quality, est.cost, run[rows], strategy, cov=est.cov, expensive=torch.full((rows.numel(),), expensive),
+            config=KERNEL,
+        )
+        stop = out.next_model < 0
+        answer[rows[stop]] = out.answer_model[stop]
+        run[rows[~stop], out.next_model[~stop]] = True
+        active[rows[stop]] = False
+    return run, answer
+
+
+STRATEGIES = [
+    Strategy("routing", 1, lambdas=[2000.0]),
+    Strategy("cascade_routing", 3, lambdas=[0.0, 0.0, 0.0]),
+    Strategy("cascade_routing", 3, lambdas=[1500.0, 500.0, 4000.0]),
+    Strategy("cascade_routing", 4, lambdas=[800.0] * 4, force_order=True),
+    Strategy("cascade", 4, lambdas=[1000.0, 2000.0, 100.0, 5000.0]),
+    Strategy("threshold_cascade", 4, thresholds=[0.4, 0.3, 0.1]),
+    Strategy("cascade_routing", 5, lambdas=[1e7] * 5),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.mode)
+@pytest.mark.parametrize("expensive", [False, True])
+def test_simulator_matches_the_kernel_step_by_step(setup, strategy, expensive):
+    table, estimator, sim = setup
+    outcome = sim.run(strategy, expensive)
+    run, answer = step_by_step(table, estimator, strategy, expensive)
+    assert torch.equal(outcome.run, run)
+    assert torch.equal(outcome.answer, answer)
+    assert torch.allclose(outcome.cost, (table.cost * run).sum(1))
+    assert torch.equal(outcome.quality, table.quality.gather(1, answer.unsqueeze(1)).squeeze(1))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(st.integers(0, 2**16), st.lists(st.sampled_from([0.0, 1.0, 10.0, 55.5, 300.0, 1e4, 1e7]), min_size=1, max_size=6))
+def test_pruning_never_changes_a_choice(seed, lambdas):
+    """Grid values and costs make exact and near ties (within the tolerance) at λ = 0, at breakpoints and as λ → ∞."""
+    rng = np.random.default_rng(seed)
+    b, m = 6, 40
+    value = rng.choice([0.2, 0.5, 0.7, 0.7 + 5e-7, 0.9, 0.9 - 5e-7], size=(b, m))
+    cost = rng.choice([0.0, 0.001, 0.002, 0.004, 0.01], size=(b, m))
+    jitter = rng.random((b, 1)) < 0.3  # some rows continuous, no ties
+    value = torch.tensor(np.where(jitter, value + rng.random((b, m)), value))
+    cost = torch.tensor(np.where(jitter, cost + rng.random((b, m)) * 0.01, cost))
+    valid = torch.tensor(rng.random((b, m)) < 0.8)
+    valid[:, 1] = True
+    full = Candidates(0, subset_table(6, 6), torch.arange(6).expand(b, -1), torch.zeros(b, dtype=torch.long),
+                      value, cost, valid, torch.arange(m).expand(b, -1))
+    pruned = prune(full)
+    assert pruned.value.shape[1] <= m
+    for lam in lambdas:
+        for expensive in (False, True):
+            a = full.subsets(choose(full, lam, expensive))
+            p = pruned.subsets(choose(pruned, lam, expensive))
+            assert torch.equal(a, p)
+
+
+@pytest.mark.parametrize("mode", ["routing", "threshold_cascade", "cascade", "cascade_routing"])
+def test_calibration_meets_the_budget(setup, mode):
+    table, estimator, _ = setup
+    sim = Simulator(table.train(), estimator, kernel=KERNEL)
+    costs = table.train().cost.mean(0)
+    budget = float(costs[1] + 0.3 * (costs[3] - costs[1]))
+    fit = calibrate(sim, mode, budget, max_depth=3, config=CalibrationConfig(n_trials=8, seed=0))
+    assert fit.cost == pytest.approx(budget, rel=1e-6)
+    cost, quality = sim.expected(fit.strategy)
+    assert float(cost.mean()) == pytest.approx(fit.cost, rel=1e-9)
+    assert float(quality.mean()) == pytest.approx(fit.quality, rel=1e-9)
+    again = calibrate(sim, mode, budget, max_depth=3, config=CalibrationConfig(n_trials=8, seed=0))
+    assert again.strategy == fit.strategy
+
+
+def test_calibration_with_a_budget_above_every_strategy_spends_less(setup):
+    table, estimator, _ = setup
+    sim = Simulator(table.train(), estimator, kernel=KERNEL)
+    fit = calibrate(sim, "cascade_routing", 1.0, max_depth=2, config=CalibrationConfig(n_trials=0))
+    assert fit.strategy.lambdas == (0.0, 0.0)
+    assert fit.cost < 1.0
