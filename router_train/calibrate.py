@@ -20,6 +20,8 @@ from .strategy import Strategy
 LAMBDA_MODES = ("routing", "cascade", "cascade_routing")
 THRESHOLD_RANGE = (-10.0, 10.0)
 """Search range of the thresholding cascade's θ (continue while q̂ < 1 - θ)."""
+THRESHOLD_GRID = tuple(x / 8 for x in range(-4, 13))
+"""Shared θs always tried for the thresholding cascade (q̂ of calibrated estimators is mostly in [-0.5, 1.5])."""
 
 
 @dataclass
@@ -69,22 +71,38 @@ def calibrate(
     force_order: bool = False,
     config: CalibrationConfig = CalibrationConfig(),
 ) -> Fit:
-    """Fit a strategy of `mode` whose expected mean cost on the simulator's table is the budget."""
+    """Fit the strategy of `mode` with the highest mean quality whose expected mean cost is within the budget.
+
+    Usually that spends the budget exactly (γ mixes the two tie-breaks at the crossing); when spending
+    less gives a higher quality (e.g. a cascade whose later models are worse), the cheapest of the best
+    strategies seen during the search is returned, with γ = 0.
+    """
     if mode == "routing":
         max_depth = 1
     family = _Family(mode, max_depth, force_order)
+    feasible: list[Fit] = []
 
     def measure(scale: float, shape: tuple[float, ...]) -> tuple[float, float]:
         outcome = sim.run(family.make(scale, shape))
+        if outcome.mean_cost <= budget:
+            feasible.append(Fit(family.make(scale, shape), outcome.mean_cost, outcome.mean_quality))
         return outcome.mean_cost, outcome.mean_quality
 
+    if family.threshold:  # quality need not rise with spending here: look at a coarse grid of θ as well
+        for theta in THRESHOLD_GRID:
+            measure(theta, family.neutral)
     scale = _bisect(lambda s: measure(s, family.neutral)[0], budget, family, config.bisect_iters)
     shape = family.neutral
     if family.n_params > 1 and config.n_trials > 0 and not (not family.threshold and scale == 0.0):
         shape = _search_shape(measure, scale, budget, family, config)
         if shape != family.neutral:
             scale = _bisect(lambda s: measure(s, shape)[0], budget, family, config.bisect_iters)
-    return _with_gamma(sim, family, scale, shape, budget)
+    crossing = _with_gamma(sim, family, scale, shape, budget)
+    better = [f for f in feasible if f.quality > crossing.quality + 1e-9]
+    if not better:
+        return crossing
+    top = max(f.quality for f in better)
+    return min((f for f in better if f.quality >= top - 1e-12), key=lambda f: f.cost)
 
 
 def calibrate_sweep(
@@ -130,7 +148,8 @@ def _bisect(cost_of: Callable[[float], float], budget: float, family: _Family, i
 
 
 def _search_shape(measure, scale: float, budget: float, family: _Family, config: CalibrationConfig) -> tuple:
-    """Per-step shape by TPE: maximize training quality, penalizing cost above the budget."""
+    """Per-step shape by TPE around the shared multiplier: the best quality within the budget
+    (the shared one itself included), cost above the budget penalized during the search."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base_cost, base_quality = measure(scale, family.neutral)
     penalty = max(base_quality, 1e-6) / max(base_cost, 1e-300)
@@ -150,7 +169,6 @@ def _search_shape(measure, scale: float, budget: float, family: _Family, config:
 
     sampler = optuna.samplers.TPESampler(seed=config.seed)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    study.enqueue_trial({f"u{t}": 0.0 for t in range(family.n_params)})
     study.optimize(objective, n_trials=config.n_trials)
     if not feasible:
         return family.neutral
