@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -17,6 +18,16 @@ from router_train.table import RoutingTable
 
 Features = dict[str, torch.Tensor]
 """Per-row tensors (first dimension = table rows) an estimator computes once per table."""
+
+
+class Embedder(Protocol):
+    """Turns query texts into fixed-size vectors (the text encoder, or a stand-in in tests)."""
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """(n, d) float32 embeddings, one row per text."""
+
+    def identity(self) -> dict:
+        """What determines the embeddings (encoder id, revision, pooling): a cache key and manifest entry."""
 
 
 @dataclass
