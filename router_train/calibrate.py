@@ -48,17 +48,20 @@ class _Family:
     """Strategies of one mode and depth indexed by a scalar `scale` (mean cost non-increasing in it)
     and a per-step `shape`: λ_t = scale · shape_t, or θ_t = scale + shape_t for the thresholding cascade."""
 
-    def __init__(self, mode: str, max_depth: int, force_order: bool) -> None:
-        self.mode, self.max_depth, self.force_order = mode, max_depth, force_order
+    def __init__(self, mode: str, max_depth: int, force_order: bool, budget: float) -> None:
+        self.mode, self.max_depth, self.force_order, self.budget = mode, max_depth, force_order, budget
         self.threshold = mode == "threshold_cascade"
         self.n_params = max_depth - 1 if self.threshold else max_depth
         self.neutral = tuple([0.0 if self.threshold else 1.0] * self.n_params)
 
     def make(self, scale: float, shape: tuple[float, ...], gamma: float = 0.0) -> Strategy:
         if self.threshold:
-            return Strategy(self.mode, self.max_depth, thresholds=[scale + s for s in shape], gamma=gamma)
+            return Strategy(
+                self.mode, self.max_depth, thresholds=[scale + s for s in shape], gamma=gamma, budget=self.budget
+            )
         return Strategy(
-            self.mode, self.max_depth, lambdas=[scale * s for s in shape], gamma=gamma, force_order=self.force_order
+            self.mode, self.max_depth, lambdas=[scale * s for s in shape], gamma=gamma,
+            force_order=self.force_order, budget=self.budget,
         )
 
 
@@ -79,7 +82,7 @@ def calibrate(
     """
     if mode == "routing":
         max_depth = 1
-    family = _Family(mode, max_depth, force_order)
+    family = _Family(mode, max_depth, force_order, budget)
     feasible: list[Fit] = []
 
     def measure(scale: float, shape: tuple[float, ...]) -> tuple[float, float]:

@@ -1,0 +1,294 @@
+"""The learned quality estimator: text encoder + one network for every run set, calibrated Σ, cost model.
+
+- Ex-ante (nothing run): the query embedding alone; post-hoc: the same network given the run models'
+  answers (confidence, length, agreement). One forward pass estimates all k models.
+- Two modes: a frozen encoder with embeddings computed once and cached (fast on CPU), or LoRA
+  fine-tuning of the encoder through peft (GPU).
+- Σ: a variance head predicts how far each estimate moves once every model has run; on held-back rows
+  its scale is calibrated so that intervals q̂ ± z·σ cover that move at the stated rate, and residual
+  correlations per run-set size give the off-diagonal terms.
+- Saved as `estimator.safetensors` (all tensors) + `estimator.json` (config), like a peft adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors.torch import load_file
+
+from router_train.outputs import atomic_write_bytes, atomic_write_json
+from router_train.table import RoutingTable
+
+from .base import Embedder, Estimate, Features, QualityEstimator
+from .cost import CostModel
+from .encoder import EmbeddingCache, EncoderConfig, LoraSettings, TextEncoder
+from .features import AnswerFeatures, answer_features
+from .network import NetConfig, QualityNet
+from .training import LearnedModule, Logger, QualityData, TrainSettings, residuals, train_quality, train_variance
+
+FORMAT = "router-train-learned"
+VERSION = 1
+_ANSWER_FIELDS = tuple(AnswerFeatures.__dataclass_fields__)
+
+
+@dataclass
+class LearnedConfig:
+    """Everything that defines a learned estimator before training."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    finetune: bool = False  # LoRA fine-tuning of the encoder (encoder.lora or default LoraSettings)
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    train: TrainSettings = field(default_factory=TrainSettings)
+    val_fraction: float = 0.15  # held-back training rows: early stopping and Σ calibration
+    coverage: float = 0.9  # stated coverage of the intervals q̂ ± z σ
+    embedding_cache: str | None = ".cache/embeddings"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.coverage < 1.0:
+            raise ValueError(f"coverage must be in (0, 1), got {self.coverage}")
+
+
+class LearnedEstimator(QualityEstimator):
+    """Learned ex-ante and post-hoc quality estimates with calibrated uncertainty."""
+
+    def __init__(self, config: LearnedConfig = LearnedConfig(), encoder: Embedder | None = None) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.models: list[str] = []
+        self.net: QualityNet | None = None
+        self.cost_model = CostModel()
+        self.scale = 1.0
+        self.correlation = torch.ones(1, 1, 1)
+        self.history: list[dict] = []
+
+    # -- encoder and features ---------------------------------------------------------------
+    def _encoder(self) -> Embedder:
+        if self.encoder is None:
+            self.encoder = TextEncoder(self.config.encoder)
+        return self.encoder
+
+    def embed(self, texts: list[str], progress: bool = False) -> torch.Tensor:
+        """Embeddings of query texts, from the on-disk cache when configured."""
+        encoder = self._encoder()
+        if self.config.embedding_cache:
+            return EmbeddingCache(self.config.embedding_cache).get(encoder, texts, progress=progress)
+        return encoder.encode(texts)
+
+    def featurize(self, table: RoutingTable, progress: bool = False) -> Features:
+        self.check_models(table)
+        answers = answer_features(table.answers, table.confidence, table.n, table.k)
+        features = {f"answers.{f}": getattr(answers, f) for f in _ANSWER_FIELDS}
+        features["embedding"] = self.embed(list(table.queries), progress)
+        features.update({f"cost.{n}": t for n, t in self.cost_model.featurize(table).items()})
+        return features
+
+    # -- training ---------------------------------------------------------------------------
+    def fit(self, table: RoutingTable, *, state_dir: Path | None = None, log: Logger | None = None,
+            progress: bool = False) -> "LearnedEstimator":
+        """Train on all rows of `table` (a held-back share is used for early stopping and Σ)."""
+        cfg = self.config
+        torch.manual_seed(cfg.train.seed)
+        self.models = list(table.models)
+        self.cost_model.fit(table)
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        order = torch.randperm(table.n, generator=gen)
+        n_val = max(1, int(round(cfg.val_fraction * table.n)))
+        val_rows, fit_rows = order[:n_val].sort().values, order[n_val:].sort().values
+        answers = answer_features(table.answers, table.confidence, table.n, table.k)
+        quality = table.quality.float()
+        encoder = self._encoder()
+        if cfg.finetune:
+            if getattr(encoder, "lora", None) is None:
+                encoder.enable_lora(cfg.encoder.lora or LoraSettings())
+            tokens = {name: t.cpu() for name, t in encoder.tokenize(list(table.queries)).items()}
+            data = QualityData(answers, quality, tokens=tokens)
+            embed_dim, tuned = encoder.dim, encoder
+        else:
+            embedding = self.embed(list(table.queries), progress)
+            data = QualityData(answers, quality, embedding=embedding)
+            embed_dim, tuned = embedding.shape[1], None
+        self.net = QualityNet(NetConfig(embed_dim, table.k, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout))
+        module = LearnedModule(self.net, tuned)
+        self.history = train_quality(module, data, fit_rows, val_rows, cfg.train, state_dir=state_dir, log=log)
+        module = module.cpu()
+        train_variance(module, data, fit_rows, cfg.train, log=log)
+        self._calibrate(module, data, val_rows)
+        module.eval()
+        return self
+
+    def _calibrate(self, module: LearnedModule, data: QualityData, val_rows: torch.Tensor) -> None:
+        """Scale σ so that q̂ ± zσ covers the move to the full-information estimate at the stated rate,
+        and estimate residual correlations per run-set size, on held-back rows."""
+        from .run_sets import sample_run_sets
+
+        settings = self.config.train
+        k = len(self.models)
+        rows, run = sample_run_sets(len(val_rows), k, settings.max_depth, settings.per_row,
+                                    torch.Generator().manual_seed(settings.seed + 40_000))
+        rows = val_rows[rows]
+        resid, hidden = residuals(module, data, rows, run, settings.batch_size, torch.device("cpu"))
+        with torch.no_grad():
+            sigma = module.net.log_variance(hidden, run).mul(0.5).exp()
+        free = ~run
+        z = (resid / sigma)[free].abs()
+        target = torch.quantile(z, self.config.coverage).item() if z.numel() else 1.0
+        self.scale = target / _normal_quantile(0.5 + self.config.coverage / 2)
+        normalized = resid / (sigma * self.scale)
+        sizes = run.sum(1)
+        self.correlation = torch.stack(
+            [masked_correlation(normalized[sizes == t], free[sizes == t]) for t in range(settings.max_depth + 1)]
+        )
+
+    # -- prediction -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, features: Features, rows: torch.Tensor, run: torch.Tensor) -> Estimate:
+        if self.net is None:
+            raise RuntimeError("the estimator is not fitted: call fit() or LearnedEstimator.load()")
+        device = self.net.model_embedding.device
+        answers = AnswerFeatures(*(features[f"answers.{f}"][rows].to(device) for f in _ANSWER_FIELDS))
+        run_d = run.to(device)
+        self.net.eval()
+        hidden = self.net.hidden(features["embedding"][rows].to(device), answers, run_d)
+        quality = torch.sigmoid(self.net.quality_head(hidden).squeeze(2)).double().cpu()
+        sigma = self.net.log_variance(hidden, run_d).mul(0.5).exp().double().cpu() * self.scale
+        sigma = sigma.masked_fill(run, 0.0)
+        t = run.sum(1).clamp(max=self.correlation.shape[0] - 1)
+        cov = sigma.unsqueeze(2) * self.correlation[t].double() * sigma.unsqueeze(1)
+        cost_features = {n[5:]: v for n, v in features.items() if n.startswith("cost.")}
+        return Estimate(quality=quality, cost=self.cost_model.predict(cost_features, rows, run), cov=cov)
+
+    # -- export -----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write `estimator.safetensors` and `estimator.json` into `directory` (atomically, file by file)."""
+        if self.net is None:
+            raise RuntimeError("nothing to save: the estimator is not fitted")
+        directory = Path(directory)
+        tensors = {f"net.{n}": t.detach().cpu().contiguous() for n, t in self.net.state_dict().items()}
+        tensors["calibration.scale"] = torch.tensor([self.scale], dtype=torch.float64)
+        tensors["calibration.correlation"] = self.correlation.contiguous()
+        tensors.update({f"cost.{n}": t.contiguous() for n, t in self.cost_model.state_dict().items()})
+        encoder = self._encoder()
+        if self.config.finetune:
+            tensors.update({f"lora.{n}": t.detach().cpu().contiguous() for n, t in encoder.lora_state_dict().items()})
+        atomic_write_bytes(directory / "estimator.safetensors", safetensors.torch.save(tensors))
+        atomic_write_json(directory / "estimator.json", self.describe())
+
+    def describe(self) -> dict:
+        """The JSON config stored beside the weights."""
+        cfg = asdict(self.config)
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "models": self.models,
+            "config": cfg,
+            "net": asdict(self.net.config),
+            "encoder_identity": self._encoder().identity(),
+            "cost": self.cost_model.config(),
+        }
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str = "cpu", encoder: Embedder | None = None) -> "LearnedEstimator":
+        """Rebuild a saved estimator; fails with a clear message on missing files, shapes or versions."""
+        directory = Path(directory)
+        meta_path, weights_path = directory / "estimator.json", directory / "estimator.safetensors"
+        for path in (meta_path, weights_path):
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: {directory} is not a complete learned-estimator export")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(
+                f"{meta_path}: unsupported estimator format {meta.get('format')!r} version {meta.get('version')!r}; "
+                f"this router-train reads {FORMAT!r} version {VERSION}"
+            )
+        config = _config_from_dict(meta["config"])
+        est = cls(config, encoder)
+        est.models = list(meta["models"])
+        tensors = load_file(str(weights_path))
+        est.net = QualityNet(NetConfig(**meta["net"]))
+        _load_prefixed(est.net, tensors, "net.", weights_path)
+        est.scale = float(_take(tensors, "calibration.scale", weights_path)[0])
+        est.correlation = _take(tensors, "calibration.correlation", weights_path)
+        k = len(est.models)
+        if est.correlation.shape[1:] != (k, k):
+            raise ValueError(f"{weights_path}: calibration.correlation has shape {tuple(est.correlation.shape)}, expected (T, {k}, {k})")
+        est.cost_model = CostModel.from_config(meta["cost"]).load_state_dict(
+            {n[5:]: t for n, t in tensors.items() if n.startswith("cost.")}
+        )
+        if encoder is None and config.finetune:
+            tuned = est._encoder()
+            if tuned.lora is None:
+                tuned.enable_lora(config.encoder.lora or LoraSettings())
+            tuned.load_lora_state_dict({n[5:]: t for n, t in tensors.items() if n.startswith("lora.")})
+        identity = est._encoder().identity()
+        saved = meta["encoder_identity"]
+        if identity.get("revision") != saved.get("revision"):
+            raise ValueError(
+                f"{meta_path}: the encoder {identity.get('name_or_path')} (revision {identity.get('revision')}) is not "
+                f"the one this estimator was trained with (revision {saved.get('revision')}); point the encoder "
+                "to the original model files or retrain"
+            )
+        est.net.to(device).eval()
+        return est
+
+
+def masked_correlation(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Correlation matrix (k, k) of the columns of `values` (N, k) over rows where both entries are masked in;
+    identity where there is too little data, and PSD."""
+    k = values.shape[1]
+    if values.shape[0] < 3:
+        return torch.eye(k, dtype=torch.float64)
+    v = values.double() * mask
+    m = mask.double()
+    count = m.t() @ m
+    second = v.t() @ v / count.clamp(min=1)
+    std = second.diagonal().clamp(min=1e-12).sqrt()
+    corr = second / std.unsqueeze(0) / std.unsqueeze(1)
+    corr = torch.where(count >= 10, corr, torch.eye(k, dtype=torch.float64)).clamp(-1, 1)
+    corr.fill_diagonal_(1.0)
+    eigval, eigvec = torch.linalg.eigh((corr + corr.t()) / 2)
+    corr = eigvec @ torch.diag(eigval.clamp(min=0)) @ eigvec.t()
+    d = corr.diagonal().clamp(min=1e-12).sqrt()
+    return corr / d.unsqueeze(0) / d.unsqueeze(1)
+
+
+def _normal_quantile(p: float) -> float:
+    return math.sqrt(2.0) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+
+
+def _config_from_dict(data: dict) -> LearnedConfig:
+    enc = dict(data["encoder"])
+    enc["lora"] = LoraSettings(**enc["lora"]) if enc.get("lora") else None
+    return LearnedConfig(
+        encoder=EncoderConfig(**enc),
+        train=TrainSettings(**data["train"]),
+        **{k: v for k, v in data.items() if k not in ("encoder", "train")},
+    )
+
+
+def _take(tensors: dict, name: str, path: Path) -> torch.Tensor:
+    if name not in tensors:
+        raise ValueError(f"{path}: tensor {name!r} is missing; re-export the estimator")
+    return tensors[name]
+
+
+def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, path: Path) -> None:
+    expected = module.state_dict()
+    state = {}
+    for name, value in expected.items():
+        saved = _take(tensors, prefix + name, path)
+        if saved.shape != value.shape:
+            raise ValueError(
+                f"{path}: tensor {prefix + name!r} has shape {tuple(saved.shape)}, expected {tuple(value.shape)}"
+            )
+        state[name] = saved
+    module.load_state_dict(state)

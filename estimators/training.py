@@ -1,0 +1,232 @@
+"""Training loops of the learned estimator, with accelerate: device placement, mixed precision,
+multi-GPU (`accelerate launch`), and resumable checkpoints.
+
+Stage 1 fits the quality head on sampled run sets (cascade prefixes and random subsets up to the
+depth cap), with early stopping on held-back rows. Stage 2 freezes it and fits the variance head on
+the residuals between each estimate and the full-information estimate (all models run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from router_train.outputs import atomic_write_json
+
+from .features import AnswerFeatures
+from .network import QualityNet
+from .run_sets import sample_run_sets
+
+Logger = Callable[[dict], None]
+
+
+@dataclass
+class QualityData:
+    """Per-row inputs and targets: a frozen embedding (or token ids for a fine-tuned encoder), answer
+    features and the true qualities."""
+
+    answers: AnswerFeatures
+    quality: torch.Tensor  # (n, k) float32 targets in [0, 1]
+    embedding: torch.Tensor | None = None  # (n, d)
+    tokens: dict[str, torch.Tensor] | None = None  # input_ids, attention_mask (n, L)
+
+    def batch(self, rows: torch.Tensor, device: torch.device) -> dict:
+        rows = rows.cpu()
+        out = {"answers": AnswerFeatures(*(getattr(self.answers, f)[rows].to(device) for f in AnswerFeatures.__dataclass_fields__))}
+        if self.embedding is not None:
+            out["embedding"] = self.embedding[rows].to(device)
+        else:
+            out["tokens"] = {name: t[rows].to(device) for name, t in self.tokens.items()}
+        out["quality"] = self.quality[rows].to(device)
+        return out
+
+
+class LearnedModule(nn.Module):
+    """The network with, in fine-tuning mode, the text encoder in front of it."""
+
+    def __init__(self, net: QualityNet, encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.encoder = encoder
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        if self.encoder is None:
+            return batch["embedding"]
+        return self.encoder(batch["tokens"]["input_ids"], batch["tokens"]["attention_mask"])
+
+    def forward(self, batch: dict, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quality logits, token states) for a batch of rows with run sets `run`."""
+        hidden = self.net.hidden(self.embed(batch), batch["answers"], run)
+        return self.net.quality_head(hidden).squeeze(2), hidden
+
+
+@dataclass
+class TrainSettings:
+    """Optimization settings of stage 1 and 2."""
+
+    max_depth: int = 3
+    per_row: int = 4
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 4
+    variance_epochs: int = 5
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    seed: int = 0
+
+
+def _states(n_rows: int, k: int, settings: TrainSettings, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return sample_run_sets(n_rows, k, settings.max_depth, settings.per_row, gen)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+def train_quality(
+    module: LearnedModule,
+    data: QualityData,
+    fit_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+    settings: TrainSettings,
+    *,
+    state_dir: Path | None = None,
+    log: Logger | None = None,
+) -> list[dict]:
+    """Stage 1: fit the quality head (and LoRA weights) with early stopping; resumes from `state_dir`.
+
+    Returns the per-epoch history; the module ends with the weights of the best validation epoch.
+    """
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    k = data.quality.shape[1]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    device = accelerator.device
+    val_rows_idx, val_run = _states(len(val_rows), k, settings, settings.seed + 10_000)
+    val_rows_idx = val_rows[val_rows_idx]
+
+    progress = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "history": []}
+    if state_dir is not None and (state_dir / "progress.json").exists():
+        accelerator.load_state(str(state_dir / "accelerate"))
+        progress = json.loads((state_dir / "progress.json").read_text())
+    best = None
+    if state_dir is not None and (state_dir / "best.safetensors").exists():
+        best = load_file(str(state_dir / "best.safetensors"))
+
+    while progress["epoch"] < settings.epochs and progress["bad_epochs"] < settings.patience:
+        epoch = progress["epoch"]
+        rows, run = _states(len(fit_rows), k, settings, settings.seed + epoch)
+        loader = DataLoader(
+            TensorDataset(fit_rows[rows], run),
+            batch_size=settings.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch),
+        )
+        loader = accelerator.prepare(loader)
+        module.train()
+        total, count = 0.0, 0
+        for batch_rows, batch_run in loader:
+            batch = data.batch(batch_rows, device)
+            with accelerator.autocast():
+                logits, _ = module(batch, batch_run)
+            loss = _loss(logits, batch["quality"])
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+            total += float(loss.detach()) * len(batch_rows)
+            count += len(batch_rows)
+        val = evaluate_loss(module, data, val_rows_idx, val_run, settings.batch_size, accelerator)
+        record = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "val_loss": val}
+        progress["history"].append(record)
+        if val < progress["best_val"] - 1e-5:
+            progress.update(best_val=val, bad_epochs=0)
+            best = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(module).state_dict().items()}
+        else:
+            progress["bad_epochs"] += 1
+        progress["epoch"] = epoch + 1
+        if log is not None:
+            log(record)
+        if state_dir is not None and accelerator.is_main_process:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            accelerator.save_state(str(state_dir / "accelerate"))
+            if best is not None:
+                save_file({n: t.contiguous() for n, t in best.items()}, str(state_dir / "best.safetensors"))
+            atomic_write_json(state_dir / "progress.json", progress)
+    unwrapped = accelerator.unwrap_model(module)
+    if best is not None:
+        unwrapped.load_state_dict(best)
+    return progress["history"]
+
+
+@torch.no_grad()
+def evaluate_loss(module, data: QualityData, rows, run, batch_size: int, accelerator: Accelerator) -> float:
+    """Mean binary cross-entropy of the quality head on fixed (row, run set) states."""
+    module.eval()
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = data.batch(rows[sl], accelerator.device)
+        with accelerator.autocast():
+            logits, _ = module(batch, run[sl].to(accelerator.device))
+        total += float(_loss(logits, batch["quality"])) * len(rows[sl])
+    return total / max(len(rows), 1)
+
+
+@torch.no_grad()
+def residuals(
+    module: LearnedModule, data: QualityData, rows: torch.Tensor, run: torch.Tensor, batch_size: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full-information estimate − estimate with `run`, token states) for each (row, run set) state."""
+    module.eval()
+    out_r, out_h = [], []
+    full = torch.ones(1, data.quality.shape[1], dtype=torch.bool, device=device)
+    for start in range(0, len(rows), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = data.batch(rows[sl], device)
+        r = run[sl].to(device)
+        logits, hidden = module(batch, r)
+        full_logits, _ = module(batch, full.expand_as(r))
+        out_r.append((torch.sigmoid(full_logits) - torch.sigmoid(logits)).float().cpu())
+        out_h.append(hidden.float().cpu())
+    return torch.cat(out_r), torch.cat(out_h)
+
+
+def train_variance(
+    module: LearnedModule, data: QualityData, fit_rows: torch.Tensor, settings: TrainSettings, log: Logger | None = None
+) -> None:
+    """Stage 2: fit the variance head by Gaussian likelihood of the residuals of models not yet run."""
+    device = next(module.parameters()).device
+    k = data.quality.shape[1]
+    rows, run = _states(len(fit_rows), k, settings, settings.seed + 20_000)
+    rows = fit_rows[rows]
+    resid, hidden = residuals(module, data, rows, run, settings.batch_size, device)
+    head = module.net.variance_head
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
+    gen = torch.Generator().manual_seed(settings.seed + 30_000)
+    for epoch in range(settings.variance_epochs):
+        order = torch.randperm(len(rows), generator=gen)
+        total = 0.0
+        for start in range(0, len(rows), settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            free = ~run[idx]
+            log_var = module.net.log_variance(hidden[idx].to(device), run[idx].to(device)).cpu()
+            nll = 0.5 * (log_var + resid[idx] ** 2 / log_var.exp())
+            loss = (nll * free).sum() / free.sum().clamp(min=1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+        if log is not None:
+            log({"variance_epoch": epoch + 1, "variance_nll": total / len(rows)})

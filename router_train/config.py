@@ -1,0 +1,123 @@
+"""Training recipes are YAML files (configs/*.yaml) read into typed dataclasses, with unknown or
+mistyped keys reported by their dotted path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from estimators.learned import LearnedConfig
+
+from .evaluate import METHODS
+
+
+@dataclass
+class DataConfig:
+    """Which routing tables to train and test on."""
+
+    train: str = ""  # table path; its split column (or a seeded split) gives the test rows unless `test` is set
+    test: str | None = None
+    models: list[str] | None = None
+    missing: str = "drop"
+    test_fraction: float = 0.2
+
+
+@dataclass
+class CalibrationSettings:
+    """Budget calibration and evaluation of the exported strategies."""
+
+    holdout: float = 0.25  # share of training queries kept from the estimator to calibrate λ/γ on
+    max_depth: int = 3
+    budgets: int = 20
+    trials: int = 30
+    samples: int = 100
+    bootstrap: int = 500
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+
+
+@dataclass
+class WandbConfig:
+    """Experiment logging; WANDB_MODE in the environment wins over `mode`."""
+
+    project: str = "router-train"
+    mode: str = "offline"
+
+
+@dataclass
+class TrainConfig:
+    """A whole `make train` run."""
+
+    run_name: str = "default"
+    output_dir: str = "checkpoints"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    estimator: LearnedConfig = field(default_factory=LearnedConfig)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def from_dict(cls, data, where: str = "config"):
+    """Build dataclass `cls` from nested dicts, checking keys and value types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    return cls(**{name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()})
+
+
+def _convert(kind, value, where: str):
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(kind)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where} must be {kind.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a YAML recipe; relative data paths are resolved against the working directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    config = from_dict(TrainConfig, data, where=str(path))
+    unknown = sorted(set(config.calibration.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"{path}: calibration.methods has unknown names {unknown}; choose from {list(METHODS)}")
+    return config
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict of a config (for wandb and the manifest)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,224 @@
+"""The training recipe behind `make train`: from a routing table to an exported, calibrated router.
+
+    python -m router_train.train --config configs/default.yaml [--train-data TABLE --test-data TABLE]
+        [--run-name NAME] [--overwrite]
+
+Steps: load the tables; hold back a share of the training queries for budget calibration; embed the
+queries (cached); train the learned estimator with accelerate (resumable: re-running after an
+interruption continues from the last epoch); fit Σ; calibrate λ/γ for every method over a budget sweep
+on the held-back queries; evaluate on the test split; export `checkpoints/<run>/` with
+`estimator.safetensors`, `estimator.json`, `manifest.json`, `metrics.json` and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from estimators.learned import LearnedEstimator
+
+from . import __version__
+from .calibrate import CalibrationConfig
+from .config import TrainConfig, load_config, to_dict
+from .evaluate import EvaluationConfig, evaluate, write_report
+from .kernel import KernelConfig
+from .outputs import atomic_write_json
+from .table import RoutingTable, load_table
+
+MANIFEST_VERSION = 1
+BUNDLED = "bundled"
+"""`data.train: bundled` names the default dataset shipped in the package (router_train/data)."""
+
+
+def bundled_dataset() -> Path:
+    """Path of the bundled default routing table (MMLU-Pro, Apache-2.0; see router_train/data/NOTICE.md)."""
+    return Path(str(resources.files("router_train") / "data" / "mmlu_pro.parquet"))
+
+
+def load_tables(config: TrainConfig) -> tuple[RoutingTable, RoutingTable]:
+    """Training and test tables of a recipe."""
+    data = config.data
+    path = bundled_dataset() if data.train in ("", BUNDLED) else data.train
+    kw = dict(models=data.models, missing=data.missing, seed=config.seed)
+    if data.test:
+        train = load_table(path, all_split="train", **kw)
+        test = load_table(data.test, all_split="test", **kw).in_model_order(train.models)
+        return train, test
+    table = load_table(path, test_fraction=data.test_fraction, **kw)
+    return table.train(), table.test()
+
+
+def holdout_split(table: RoutingTable, share: float, seed: int) -> tuple[RoutingTable, RoutingTable]:
+    """(estimator-training rows, calibration rows): a seeded share of queries held back from the estimator."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"calibration.holdout must be in (0, 1), got {share}")
+    order = torch.randperm(table.n, generator=torch.Generator().manual_seed(seed))
+    n_hold = max(1, int(round(share * table.n)))
+    return table.subset(order[n_hold:].sort().values), table.subset(order[:n_hold].sort().values)
+
+
+def config_fingerprint(config: TrainConfig) -> str:
+    """Short hash of a recipe: training state is resumed only under the same one."""
+    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_wandb(config: TrainConfig, directory: Path):
+    """An offline-by-default wandb run (WANDB_MODE from the environment wins); None when disabled."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", config.wandb.mode)
+    if mode == "disabled":
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=config.wandb.project, name=config.run_name, mode=mode, dir=str(directory),
+                      config=to_dict(config), reinit="finish_previous")
+
+
+def manifest(config: TrainConfig, estimator: LearnedEstimator, metrics: dict, sizes: dict) -> dict:
+    """Everything a serving process needs to know about an export besides the weights."""
+    strategies = {mode: metrics["strategies"][mode] for mode in config.calibration.methods}
+    return {
+        "format": "router-train",
+        "manifest_version": MANIFEST_VERSION,
+        "package_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "models": list(estimator.models),
+        "prices": estimator.cost_model.config(),
+        "encoder": estimator.describe()["encoder_identity"],
+        "feature_spec": {
+            "embedding_dim": estimator.net.config.embed_dim,
+            "answer_features": ["has_answer", "confidence (log-prob)", "length", "agree", "overlap"],
+            "observed_fields": ["model", "answer", "confidence", "tokens_out"],
+        },
+        "max_depth": config.calibration.max_depth,
+        "kernel": {"n_samples": config.calibration.samples, "seed": config.seed},
+        "budgets": metrics["budgets"],
+        "strategies": strategies,
+        "estimator_files": ["estimator.safetensors", "estimator.json"],
+        "data": sizes,
+        "config": to_dict(config),
+    }
+
+
+def export(run_dir: Path, work: Path, overwrite: bool) -> None:
+    """Move the finished export `work` to `run_dir` in one rename; an old run is removed only after."""
+    if run_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it")
+        old = run_dir.with_name(f".{run_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(run_dir, old)
+        os.replace(work, run_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, run_dir)
+
+
+def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
+    """Execute a recipe end to end; returns the export directory."""
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    run_dir = out / config.run_name
+    if run_dir.exists() and not overwrite:
+        raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it (or --run-name)")
+    state = out / f".{config.run_name}.partial"
+    fingerprint = config_fingerprint(config)
+    if state.exists():
+        saved = (state / "fingerprint").read_text().strip() if (state / "fingerprint").exists() else None
+        if saved != fingerprint:
+            log(f"discarding training state in {state}: it belongs to a different configuration")
+            shutil.rmtree(state)
+        elif (state / "train" / "progress.json").exists():
+            epoch = json.loads((state / "train" / "progress.json").read_text())["epoch"]
+            log(f"resuming training from the checkpoint after epoch {epoch} in {state}")
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "fingerprint").write_text(fingerprint)
+
+    train, test = load_tables(config)
+    fit_table, calib_table = holdout_split(train, config.calibration.holdout, config.seed)
+    log(f"data: {fit_table.n} queries to train the estimator, {calib_table.n} to calibrate, {test.n} to test, "
+        f"{train.k} models")
+    wandb_run = start_wandb(config, state)
+    logger = (lambda record: wandb_run.log(record)) if wandb_run is not None else None
+
+    def log_epoch(record: dict) -> None:
+        if logger is not None:
+            logger(record)
+        if "val_loss" in record:
+            log(f"  epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
+
+    estimator = LearnedEstimator(config.estimator)
+    t0 = time.perf_counter()
+    estimator.fit(fit_table, state_dir=state / "train", log=log_epoch, progress=True)
+    log(f"estimator trained in {time.perf_counter() - t0:.1f}s")
+
+    cal = config.calibration
+    eval_config = EvaluationConfig(
+        max_depth=cal.max_depth,
+        n_budgets=cal.budgets,
+        methods=tuple(cal.methods),
+        n_bootstrap=cal.bootstrap,
+        seed=config.seed,
+        kernel=KernelConfig(n_samples=cal.samples, seed=config.seed),
+        calibration=CalibrationConfig(n_trials=cal.trials, seed=config.seed),
+    )
+    t0 = time.perf_counter()
+    metrics = evaluate(calib_table, test, estimator, eval_config, log=log)
+    log(f"calibrated and evaluated in {time.perf_counter() - t0:.1f}s")
+    metrics["estimator"] = {"name": "learned", "history": estimator.history}
+    metrics["wall_time_s"] = time.perf_counter() - start
+    if wandb_run is not None:
+        wandb_run.summary.update({f"auc/{k}": v for k, v in metrics["auc"].items()})
+        wandb_run.finish()
+
+    work = out / f".{config.run_name}.export"
+    shutil.rmtree(work, ignore_errors=True)
+    estimator.save(work)
+    sizes = {"train": str(config.data.train or BUNDLED), "test": config.data.test, "n_estimator": fit_table.n,
+             "n_calibration": calib_table.n, "n_test": test.n}
+    atomic_write_json(work / "manifest.json", manifest(config, estimator, metrics, sizes))
+    write_report(metrics, work, title=f"{config.run_name} · learned estimator")
+    export(run_dir, work, overwrite)
+    shutil.rmtree(state, ignore_errors=True)
+    for name, value in metrics["auc"].items():
+        log(f"{name:>18s}  AUC {value:6.2f}")
+    log(f"wall time: {time.perf_counter() - start:.1f}s -> {run_dir}")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m router_train.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/default.yaml")
+    p.add_argument("--train-data", help="override data.train (a routing table)")
+    p.add_argument("--test-data", help="override data.test (then --train-data/data.train is all training data)")
+    p.add_argument("--run-name", help="override run_name (the export goes to <output_dir>/<run_name>)")
+    p.add_argument("--output-dir", help="override output_dir (default checkpoints)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export of the same run name")
+    args = p.parse_args(argv)
+    config = load_config(args.config)
+    if args.train_data:
+        config.data.train = args.train_data
+    if args.test_data:
+        config.data.test = args.test_data
+    if args.run_name:
+        config.run_name = args.run_name
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    try:
+        return run(config, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The learned estimator: trains on a tiny table with a tiny random encoder, exports and reloads
+exactly, refuses broken exports, and its Σ intervals cover held-out moves at the stated rate."""
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from factories import random_table
+from tiny_models import tiny_encoder_dir
+
+from estimators.encoder import EncoderConfig, LoraSettings, TextEncoder
+from estimators.learned import LearnedConfig, LearnedEstimator
+from estimators.run_sets import sample_run_sets
+from estimators.training import TrainSettings
+
+
+def tiny_config(encoder_dir, cache, **train) -> LearnedConfig:
+    settings = dict(max_depth=3, per_row=2, epochs=8, batch_size=64, lr=3e-3, patience=3, variance_epochs=3)
+    settings.update(train)
+    return LearnedConfig(
+        encoder=EncoderConfig(name_or_path=str(encoder_dir), max_length=64, batch_size=32),
+        hidden=16, layers=1, heads=2, dropout=0.0, train=TrainSettings(**settings), embedding_cache=str(cache),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learned")
+    table = random_table(300, 4, seed=5)
+    config = tiny_config(tiny_encoder_dir(root / "encoder"), root / "cache")
+    estimator = LearnedEstimator(config).fit(table.train())
+    return root, table, estimator
+
+
+def states(n, k, seed=0):
+    return sample_run_sets(n, k, 3, 2, torch.Generator().manual_seed(seed))
+
+
+def test_predictions_are_probabilities_with_psd_covariances(trained):
+    _, table, estimator = trained
+    test = table.test()
+    features = estimator.featurize(test)
+    rows, run = states(test.n, test.k)
+    est = estimator.predict(features, rows, run)
+    assert est.quality.shape == (len(rows), 4) and bool(((est.quality > 0) & (est.quality < 1)).all())
+    assert bool((est.cost > 0).all())
+    assert bool((est.cov.diagonal(dim1=1, dim2=2)[run] == 0).all())
+    assert float(torch.linalg.eigvalsh(est.cov).min()) > -1e-10
+
+
+def test_export_and_load_round_trip_is_exact(trained, tmp_path):
+    root, table, estimator = trained
+    estimator.save(tmp_path / "export")
+    loaded = LearnedEstimator.load(tmp_path / "export")
+    test = table.test()
+    rows, run = states(test.n, test.k, seed=1)
+    a = estimator.predict(estimator.featurize(test), rows, run)
+    b = loaded.predict(loaded.featurize(test), rows, run)
+    assert torch.equal(a.quality, b.quality) and torch.equal(a.cov, b.cov) and torch.equal(a.cost, b.cost)
+
+
+def test_broken_exports_fail_at_load_with_clear_messages(trained, tmp_path):
+    _, _, estimator = trained
+    estimator.save(tmp_path / "e")
+    (tmp_path / "e" / "estimator.safetensors").rename(tmp_path / "weights")
+    with pytest.raises(FileNotFoundError, match="estimator.safetensors is missing"):
+        LearnedEstimator.load(tmp_path / "e")
+    tensors = safetensors.torch.load_file(str(tmp_path / "weights"))
+    name = next(n for n in tensors if n.startswith("net.quality_head.weight"))
+    tensors[name] = torch.zeros(3, 3)
+    safetensors.torch.save_file(tensors, str(tmp_path / "e" / "estimator.safetensors"))
+    with pytest.raises(ValueError, match="quality_head.weight' has shape"):
+        LearnedEstimator.load(tmp_path / "e")
+    meta = json.loads((tmp_path / "e" / "estimator.json").read_text())
+    meta["version"] = 99
+    (tmp_path / "e" / "estimator.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unsupported estimator format"):
+        LearnedEstimator.load(tmp_path / "e")
+
+
+def test_a_different_encoder_is_refused(trained, tmp_path):
+    root, _, estimator = trained
+    estimator.save(tmp_path / "e")
+    other = TextEncoder(EncoderConfig(name_or_path=str(tiny_encoder_dir(tmp_path / "other", seed=9)), max_length=64))
+    with pytest.raises(ValueError, match="not the one this estimator was trained with"):
+        LearnedEstimator.load(tmp_path / "e", encoder=other)
+
+
+def test_intervals_cover_held_out_moves_at_the_stated_rate(trained):
+    """q̂ ± z σ should contain the full-information estimate for ~90 % of held-out (query, model, run set)."""
+    _, table, estimator = trained
+    test = table.test()
+    features = estimator.featurize(test)
+    rows, run = states(test.n, test.k, seed=2)
+    est = estimator.predict(features, rows, run)
+    full = estimator.predict(features, rows, torch.ones_like(run)).quality
+    sigma = est.cov.diagonal(dim1=1, dim2=2).sqrt()
+    free = ~run
+    covered = ((full - est.quality).abs() <= 1.6449 * sigma)[free].double().mean().item()
+    assert abs(covered - estimator.config.coverage) <= 0.05, covered
+
+
+def test_post_hoc_estimates_beat_ex_ante_on_run_models(trained):
+    """Seeing a model's answer (its confidence) must sharpen the estimate of that model (Brier score)."""
+    _, table, estimator = trained
+    test = table.test()
+    features = estimator.featurize(test)
+    rows = torch.arange(test.n).repeat_interleave(test.k)
+    run = torch.eye(test.k, dtype=torch.bool).repeat(test.n, 1)
+    post = estimator.predict(features, rows, run).quality[run]
+    ante = estimator.predict(features, rows, torch.zeros_like(run)).quality[run]
+    truth = test.quality[rows][run]
+    assert ((post - truth) ** 2).mean() < ((ante - truth) ** 2).mean()
+
+
+def test_training_resumes_where_it_stopped(tmp_path):
+    table = random_table(80, 3, seed=6).train()
+    encoder_dir = tiny_encoder_dir(tmp_path / "encoder")
+    full = LearnedEstimator(tiny_config(encoder_dir, tmp_path / "c", epochs=2, patience=5)).fit(table)
+    state = tmp_path / "state"
+    LearnedEstimator(tiny_config(encoder_dir, tmp_path / "c", epochs=1, patience=5)).fit(table, state_dir=state)
+    assert json.loads((state / "progress.json").read_text())["epoch"] == 1
+    resumed = LearnedEstimator(tiny_config(encoder_dir, tmp_path / "c", epochs=2, patience=5))
+    resumed.fit(table, state_dir=state)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_lora_fine_tuning_exports_its_adapter(tmp_path):
+    table = random_table(60, 3, seed=7)
+    config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "c", epochs=1)
+    config.finetune = True
+    config.encoder.lora = LoraSettings(r=2, alpha=4)
+    estimator = LearnedEstimator(config).fit(table.train())
+    estimator.save(tmp_path / "e")
+    names = safetensors.torch.load_file(str(tmp_path / "e" / "estimator.safetensors")).keys()
+    assert any(n.startswith("lora.") for n in names)
+    loaded = LearnedEstimator.load(tmp_path / "e")
+    test = table.test()
+    rows, run = states(test.n, test.k)
+    a = estimator.predict(estimator.featurize(test), rows, run).quality
+    b = loaded.predict(loaded.featurize(test), rows, run).quality
+    torch.testing.assert_close(a, b)
