@@ -73,23 +73,30 @@ def calibrate(
     max_depth: int,
     force_order: bool = False,
     config: CalibrationConfig = CalibrationConfig(),
+    memo: dict | None = None,
 ) -> Fit:
     """Fit the strategy of `mode` with the highest mean quality whose expected mean cost is within the budget.
 
     Usually that spends the budget exactly (γ mixes the two tie-breaks at the crossing); when spending
     less gives a higher quality (e.g. a cascade whose later models are worse), the cheapest of the best
-    strategies seen during the search is returned, with γ = 0.
+    strategies seen during the search is returned, with γ = 0. `memo` (strategy → mean cost and
+    quality) lets a budget sweep reuse simulations.
     """
     if mode == "routing":
         max_depth = 1
     family = _Family(mode, max_depth, force_order, budget)
     feasible: list[Fit] = []
+    memo = {} if memo is None else memo
 
     def measure(scale: float, shape: tuple[float, ...]) -> tuple[float, float]:
-        outcome = sim.run(family.make(scale, shape))
-        if outcome.mean_cost <= budget:
-            feasible.append(Fit(family.make(scale, shape), outcome.mean_cost, outcome.mean_quality))
-        return outcome.mean_cost, outcome.mean_quality
+        strategy = family.make(scale, shape)
+        if strategy not in memo:
+            outcome = sim.run(strategy)
+            memo[strategy] = (outcome.mean_cost, outcome.mean_quality)
+        cost, quality = memo[strategy]
+        if cost <= budget:
+            feasible.append(Fit(strategy, cost, quality))
+        return cost, quality
 
     if family.threshold:  # quality need not rise with spending here: look at a coarse grid of θ as well
         for theta in THRESHOLD_GRID:
@@ -117,9 +124,11 @@ def calibrate_sweep(
     force_order: bool = False,
     config: CalibrationConfig = CalibrationConfig(),
 ) -> list[Fit]:
-    """One calibrated strategy per budget."""
+    """One calibrated strategy per budget; simulations are shared between budgets."""
+    memo: dict = {}
     return [
-        calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=config) for b in budgets
+        calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=config, memo=memo)
+        for b in budgets
     ]
 
 
