@@ -35,8 +35,9 @@ from .metrics import (
 from .outputs import atomic_write_json, prepare_output_dir
 from .plotting import plot_curves
 from .simulate import Simulator
-from .table import RoutingTable
+from .table import RoutingTable, holdout
 
+ESTIMATORS = ("noisy", "logreg", "knn", "learned")
 METHODS = ("routing", "threshold_cascade", "cascade", "cascade_routing")
 """Calibrated methods; `linear` (hull of single models) and `oracle` (routing on the true qualities,
 calibrated on the test split: an upper bound) are always reported too."""
@@ -148,8 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m router_train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="routing table (Parquet, JSONL or CSV); its split column gives train/test")
     p.add_argument("--test-data", help="a separate test table: --data is then all training data")
-    p.add_argument("--estimator", default="noisy", choices=["noisy"], help="quality estimator")
+    p.add_argument("--estimator", default="noisy", choices=ESTIMATORS, help="quality estimator (default noisy)")
     p.add_argument("--noise", default="low", choices=["low", "medium", "high"], help="noise level of --estimator noisy")
+    p.add_argument("--checkpoint", help="--estimator learned: a trained export (checkpoints/<run>) instead of training")
+    p.add_argument("--config", help="--estimator learned: YAML recipe whose `estimator` section to train with")
+    p.add_argument("--encoder", help="text encoder (local folder or hub id) for knn and learned; default all-MiniLM-L6-v2")
+    p.add_argument("--holdout", type=float, default=0.25,
+                   help="share of training queries kept from trained estimators (logreg, knn, learned) to calibrate on")
     p.add_argument("--models", help="comma-separated model names to keep (default: all)")
     p.add_argument("--missing", default="error", choices=["error", "drop"], help="queries lacking some model's row")
     p.add_argument("--max-depth", type=int, default=4, help="most models run per query (default 4)")
@@ -159,11 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=100, help="quasi-Monte-Carlo samples of E[max] (default 100)")
     p.add_argument("--trials", type=int, default=50, help="TPE trials for per-step multipliers (default 50)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the AUC intervals")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="test share when the table has no split")
+    p.add_argument("--split", default="auto", choices=["auto", "column", "seeded"],
+                   help="train/test: the split column, a seeded split of query ids, or auto (column if it has both)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test share of a seeded split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory for metrics.json and curves.png")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     return p
+
+
+class CachedEmbedder:
+    """An encoder whose embeddings go through the on-disk cache (used by the kNN baseline)."""
+
+    def __init__(self, encoder, directory: str = ".cache/embeddings") -> None:
+        from estimators.encoder import EmbeddingCache
+
+        self.encoder, self.cache = encoder, EmbeddingCache(directory)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.cache.get(self.encoder, texts, progress=True)
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
 
 
 def load_split(args) -> tuple[RoutingTable, RoutingTable]:
@@ -177,8 +200,42 @@ def load_split(args) -> tuple[RoutingTable, RoutingTable]:
             load_table(args.data, all_split="train", **kw),
             load_table(args.test_data, all_split="test", **kw),
         )
-    table = load_table(args.data, test_fraction=args.test_fraction, **kw)
+    table = load_table(args.data, split=args.split, test_fraction=args.test_fraction, **kw)
     return table.train(), table.test()
+
+
+def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, RoutingTable]:
+    """The fitted estimator named by the CLI and the table to calibrate λ on.
+
+    The simulated estimator is fitted and calibrated on all training queries, as in the paper; trained
+    estimators are fitted on the training queries minus a held-back share, on which λ is calibrated.
+    """
+    from estimators import NoisyEstimator
+    from estimators.encoder import EncoderConfig, TextEncoder
+    from estimators.knn import KNNEstimator
+    from estimators.learned import LearnedConfig, LearnedEstimator
+    from estimators.logreg import LogRegEstimator
+
+    if args.estimator == "noisy":
+        return NoisyEstimator(args.noise, seed=args.seed).fit(train), train
+    if args.estimator == "learned" and args.checkpoint:
+        estimator = LearnedEstimator.load(args.checkpoint)
+        return estimator, train.in_model_order(estimator.models)
+    fit_rows, calibration = holdout(train, args.holdout, args.seed)
+    if args.estimator == "logreg":
+        return LogRegEstimator(max_depth=args.max_depth, seed=args.seed).fit(fit_rows), calibration
+    if args.estimator == "knn":
+        encoder = TextEncoder(EncoderConfig(name_or_path=args.encoder or "default"))
+        return KNNEstimator(CachedEmbedder(encoder), seed=args.seed).fit(fit_rows), calibration
+    if args.config:
+        from .config import load_config
+
+        config = load_config(args.config).estimator
+    else:
+        config = LearnedConfig()
+    if args.encoder:
+        config.encoder.name_or_path = args.encoder
+    return LearnedEstimator(config).fit(fit_rows, progress=True), calibration
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -194,9 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: need training and test queries, got {train.n} and {test.n}; check --data/--test-data")
     if args.test_data:
         test = test.in_model_order(train.models)
-    from estimators import NoisyEstimator
-
-    estimator = NoisyEstimator(args.noise, seed=args.seed).fit(train)
+    if args.checkpoint and args.estimator != "learned":
+        raise SystemExit("error: --checkpoint needs --estimator learned")
+    estimator, calibration = build_estimator(args, train)
+    test = test.in_model_order(estimator.models)
     config = EvaluationConfig(
         max_depth=args.max_depth,
         n_budgets=args.budgets,
@@ -208,11 +266,17 @@ def main(argv: list[str] | None = None) -> dict:
         calibration=CalibrationConfig(n_trials=args.trials, seed=args.seed),
     )
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    log(f"evaluating {len(methods)} methods on {train.n} train / {test.n} test queries, {train.k} models")
-    metrics = evaluate(train, test, estimator, config, log=log)
-    metrics["estimator"] = {"name": args.estimator, "noise": args.noise}
+    log(f"evaluating {len(methods)} methods: calibrating on {calibration.n} queries, testing on {test.n}, "
+        f"{train.k} models, estimator {args.estimator}")
+    metrics = evaluate(calibration, test, estimator, config, log=log)
+    metrics["estimator"] = {"name": args.estimator}
+    if args.estimator == "noisy":
+        metrics["estimator"]["noise"] = args.noise
+    if args.checkpoint:
+        metrics["estimator"]["checkpoint"] = str(args.checkpoint)
     metrics["wall_time_s"] = time.perf_counter() - start
-    write_report(metrics, out_dir, title=f"{args.data} · {args.estimator} ({args.noise})")
+    label = f"{args.estimator} ({args.noise})" if args.estimator == "noisy" else args.estimator
+    write_report(metrics, out_dir, title=f"{args.data} · {label}")
     for name, value in metrics["auc"].items():
         lo, hi = metrics["auc_ci"][name]
         print(f"{name:>18s}  AUC {value:6.2f}  [{lo:6.2f}, {hi:6.2f}]")

@@ -147,6 +147,16 @@ class RoutingTable:
         return self._columns(sorted(range(self.k), key=lambda j: (means[j], self.models[j])))
 
 
+def holdout(table: RoutingTable, share: float, seed: int) -> tuple[RoutingTable, RoutingTable]:
+    """(rest, held): a seeded random `share` of the queries held back, e.g. to calibrate λ on queries
+    an estimator was not trained on."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"holdout share must be in (0, 1), got {share}")
+    order = torch.randperm(table.n, generator=torch.Generator().manual_seed(seed))
+    n_held = max(1, int(round(share * table.n)))
+    return table.subset(order[n_held:].sort().values), table.subset(order[:n_held].sort().values)
+
+
 def load_table(
     path: str | os.PathLike,
     *,

@@ -33,7 +33,7 @@ from .config import TrainConfig, load_config, to_dict
 from .evaluate import EvaluationConfig, evaluate, write_report
 from .kernel import KernelConfig
 from .outputs import atomic_write_json
-from .table import RoutingTable, load_table
+from .table import RoutingTable, holdout, load_table
 
 MANIFEST_VERSION = 1
 BUNDLED = "bundled"
@@ -56,15 +56,6 @@ def load_tables(config: TrainConfig) -> tuple[RoutingTable, RoutingTable]:
         return train, test
     table = load_table(path, test_fraction=data.test_fraction, **kw)
     return table.train(), table.test()
-
-
-def holdout_split(table: RoutingTable, share: float, seed: int) -> tuple[RoutingTable, RoutingTable]:
-    """(estimator-training rows, calibration rows): a seeded share of queries held back from the estimator."""
-    if not 0.0 < share < 1.0:
-        raise ValueError(f"calibration.holdout must be in (0, 1), got {share}")
-    order = torch.randperm(table.n, generator=torch.Generator().manual_seed(seed))
-    n_hold = max(1, int(round(share * table.n)))
-    return table.subset(order[n_hold:].sort().values), table.subset(order[:n_hold].sort().values)
 
 
 def config_fingerprint(config: TrainConfig) -> str:
@@ -145,7 +136,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
     (state / "fingerprint").write_text(fingerprint)
 
     train, test = load_tables(config)
-    fit_table, calib_table = holdout_split(train, config.calibration.holdout, config.seed)
+    fit_table, calib_table = holdout(train, config.calibration.holdout, config.seed)
     log(f"data: {fit_table.n} queries to train the estimator, {calib_table.n} to calibrate, {test.n} to test, "
         f"{train.k} models")
     wandb_run = start_wandb(config, state)

@@ -96,3 +96,28 @@ def test_noisy_estimator_recalibrates_on_training_rows_only(table_path):
 def test_noisy_estimator_rejects_unknown_levels():
     with pytest.raises(ValueError, match="noise must be one of"):
         NoisyEstimator("extreme")
+
+
+@pytest.mark.parametrize("estimator", ["logreg", "learned"])
+def test_cli_trains_other_estimators(table_path, tmp_path, estimator):
+    from tiny_models import tiny_encoder_dir
+
+    args = ["--data", str(table_path), "--estimator", estimator, "--out", str(tmp_path / "r"),
+            "--methods", "routing,cascade_routing", *TINY]
+    if estimator == "learned":
+        config = tmp_path / "c.yaml"
+        config.write_text(
+            "estimator:\n  encoder: {name_or_path: %s, max_length: 64}\n  hidden: 16\n  layers: 1\n  heads: 2\n"
+            "  embedding_cache: %s\n  train: {epochs: 1, per_row: 1, variance_epochs: 1}\n"
+            % (tiny_encoder_dir(tmp_path / "enc"), tmp_path / "cache")
+        )
+        args += ["--config", str(config)]
+    metrics = evaluate_cli.main(args)
+    assert metrics["estimator"]["name"] == estimator
+    assert metrics["n_train"] == 21  # the calibration share (25 %) of the 84 training queries
+    assert set(metrics["auc"]) == {"linear", "oracle", "routing", "cascade_routing"}
+
+
+def test_cli_rejects_a_checkpoint_for_other_estimators(table_path, tmp_path):
+    with pytest.raises(SystemExit, match="needs --estimator learned"):
+        evaluate_cli.main(["--data", str(table_path), "--checkpoint", "x", "--out", str(tmp_path / "r")])

@@ -9,6 +9,7 @@ from factories import random_frame
 from tiny_models import tiny_encoder_dir
 
 from estimators.learned import LearnedEstimator
+from router_train import evaluate as evaluate_cli
 from router_train import train as recipe
 from router_train.config import load_config
 
@@ -50,6 +51,12 @@ def test_recipe_exports_a_loadable_run(tiny_recipe):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"auc", "auc_ci", "curves", "models", "n_train", "n_test"} <= set(metrics)
     LearnedEstimator.load(run_dir)
+    evaluated = evaluate_cli.main(
+        ["--data", str(root / "table.parquet"), "--estimator", "learned", "--checkpoint", str(run_dir),
+         "--out", str(root / "eval"), "--budgets", "3", "--trials", "2", "--samples", "16", "--bootstrap", "20",
+         "--max-depth", "2", "--methods", "routing,cascade_routing"]
+    )
+    assert evaluated["estimator"]["checkpoint"] == str(run_dir) and evaluated["models"] == manifest["models"]
     assert not list((root / "checkpoints").glob(".tiny*")), "no temporary or partial directories left behind"
 
     with pytest.raises(SystemExit, match="--overwrite"):
