@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train/test: the split column, a seeded split of query ids, or auto (column if it has both)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="test share of a seeded split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when sharing the CPU)")
     p.add_argument("--out", required=True, help="output directory for metrics.json and curves.png")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     return p
@@ -241,6 +242,8 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Routin
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

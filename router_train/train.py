@@ -41,8 +41,8 @@ BUNDLED = "bundled"
 
 
 def bundled_dataset() -> Path:
-    """Path of the bundled default routing table (MMLU-Pro, Apache-2.0; see router_train/data/NOTICE.md)."""
-    return Path(str(resources.files("router_train") / "data" / "mmlu_pro.parquet"))
+    """Path of the bundled default routing table (LLMRouter, MIT; see router_train/data/NOTICE.md)."""
+    return Path(str(resources.files("router_train") / "data" / "llmrouter.parquet"))
 
 
 def load_tables(config: TrainConfig) -> tuple[RoutingTable, RoutingTable]:
