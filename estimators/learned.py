@@ -65,6 +65,7 @@ class LearnedEstimator(QualityEstimator):
         self.config = config
         self.encoder = encoder
         self.models: list[str] = []
+        self.sources: list[str] = []  # source tags seen in training; index i + 1 in the network, 0 = unknown
         self.net: QualityNet | None = None
         self.cost_model = CostModel()
         self.scale = 1.0
@@ -89,8 +90,14 @@ class LearnedEstimator(QualityEstimator):
         answers = answer_features(table.answers, table.confidence, table.n, table.k)
         features = {f"answers.{f}": getattr(answers, f) for f in _ANSWER_FIELDS}
         features["embedding"] = self.embed(list(table.queries), progress)
+        features["source"] = self.source_index(table.sources)
         features.update({f"cost.{n}": t for n, t in self.cost_model.featurize(table).items()})
         return features
+
+    def source_index(self, sources: list[str]) -> torch.Tensor:
+        """Network index of each source tag: 1 + its position among the training tags, 0 if unknown."""
+        lookup = {name: i + 1 for i, name in enumerate(self.sources)}
+        return torch.tensor([lookup.get(s, 0) for s in sources], dtype=torch.long)
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, table: RoutingTable, *, state_dir: Path | None = None, log: Logger | None = None,
@@ -99,6 +106,7 @@ class LearnedEstimator(QualityEstimator):
         cfg = self.config
         torch.manual_seed(cfg.train.seed)
         self.models = list(table.models)
+        self.sources = sorted({s for s in table.sources if s})
         self.cost_model.fit(table)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         order = torch.randperm(table.n, generator=gen)
@@ -106,18 +114,21 @@ class LearnedEstimator(QualityEstimator):
         val_rows, fit_rows = order[:n_val].sort().values, order[n_val:].sort().values
         answers = answer_features(table.answers, table.confidence, table.n, table.k)
         quality = table.quality.float()
+        source = self.source_index(table.sources)
         encoder = self._encoder()
         if cfg.finetune:
             if getattr(encoder, "lora", None) is None:
                 encoder.enable_lora(cfg.encoder.lora or LoraSettings())
             tokens = {name: t.cpu() for name, t in encoder.tokenize(list(table.queries)).items()}
-            data = QualityData(answers, quality, tokens=tokens)
+            data = QualityData(answers, quality, source, tokens=tokens)
             embed_dim, tuned = encoder.dim, encoder
         else:
             embedding = self.embed(list(table.queries), progress)
-            data = QualityData(answers, quality, embedding=embedding)
+            data = QualityData(answers, quality, source, embedding=embedding)
             embed_dim, tuned = embedding.shape[1], None
-        self.net = QualityNet(NetConfig(embed_dim, table.k, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout))
+        self.net = QualityNet(
+            NetConfig(embed_dim, table.k, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, n_sources=len(self.sources))
+        )
         module = LearnedModule(self.net, tuned)
         self.history = train_quality(module, data, fit_rows, val_rows, cfg.train, state_dir=state_dir, log=log)
         module = module.cpu()
@@ -133,7 +144,7 @@ class LearnedEstimator(QualityEstimator):
 
         settings = self.config.train
         k = len(self.models)
-        rows, run = sample_run_sets(len(val_rows), k, settings.max_depth, settings.per_row,
+        rows, run = sample_run_sets(len(val_rows), k, settings.max_depth, 2,
                                     torch.Generator().manual_seed(settings.seed + 40_000))
         rows = val_rows[rows]
         resid, hidden = residuals(module, data, rows, run, settings.batch_size, torch.device("cpu"))
@@ -154,12 +165,13 @@ class LearnedEstimator(QualityEstimator):
     def predict(self, features: Features, rows: torch.Tensor, run: torch.Tensor) -> Estimate:
         if self.net is None:
             raise RuntimeError("the estimator is not fitted: call fit() or LearnedEstimator.load()")
-        device = self.net.model_embedding.device
+        device = self.net.readout.device
         answers = AnswerFeatures(*(features[f"answers.{f}"][rows].to(device) for f in _ANSWER_FIELDS))
         run_d = run.to(device)
         self.net.eval()
-        hidden = self.net.hidden(features["embedding"][rows].to(device), answers, run_d)
-        quality = torch.sigmoid(self.net.quality_head(hidden).squeeze(2)).double().cpu()
+        source = features["source"][rows].to(device)
+        logits, hidden = self.net(features["embedding"][rows].to(device), answers, run_d, source)
+        quality = torch.sigmoid(logits).double().cpu()
         sigma = self.net.log_variance(hidden, run_d).mul(0.5).exp().double().cpu() * self.scale
         sigma = sigma.masked_fill(run, 0.0)
         t = run.sum(1).clamp(max=self.correlation.shape[0] - 1)
@@ -190,6 +202,7 @@ class LearnedEstimator(QualityEstimator):
             "format": FORMAT,
             "version": VERSION,
             "models": self.models,
+            "sources": self.sources,
             "config": cfg,
             "net": asdict(self.net.config),
             "encoder_identity": self._encoder().identity(),
@@ -213,6 +226,7 @@ class LearnedEstimator(QualityEstimator):
         config = _config_from_dict(meta["config"])
         est = cls(config, encoder)
         est.models = list(meta["models"])
+        est.sources = list(meta["sources"])
         tensors = load_file(str(weights_path))
         est.net = QualityNet(NetConfig(**meta["net"]))
         _load_prefixed(est.net, tensors, "net.", weights_path)

@@ -1,10 +1,13 @@
-"""The learned estimator's network: one transformer over model tokens serves every run set.
+"""The learned estimator's network: an ex-ante MLP plus one transformer over model tokens that corrects
+it with whatever the run models answered, for every run set.
 
-Each of the k models is a token: a learned model embedding, plus the projected query embedding, plus
-what is known about that model's answer when it has run (confidence, length, agreement with the
-other run models' answers), zeros otherwise. Attention lets a model that has not run read the answers
-of those that have. Outputs per model: the logit of its answer quality, and (second stage) the log
-variance of how far that estimate will move once every model has run.
+`logit_i = ante_i(query) + post_i(tokens)`. The ex-ante part reads the query embedding (and its source
+tag when one is known). Each of the k models is a token: a learned model embedding, the projected query,
+its ex-ante logit, and what is known about its answer when it has run (confidence, length, agreement
+with the other run models' answers), zeros otherwise; attention lets a model that has not run read the
+answers of those that have. A per-model readout of the token, plus a direct linear term in the
+model's own answer features, gives the correction; a second head (trained after) gives the log
+variance of how far each estimate will move once every model has run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import nn
 
 from .features import AnswerFeatures
 
-N_SCALAR_FEATURES = 8
+N_SCALAR_FEATURES = 9
 
 
 @dataclass
@@ -29,6 +32,7 @@ class NetConfig:
     layers: int = 2
     heads: int = 4
     dropout: float = 0.1
+    n_sources: int = 0  # source tags seen in training (index 0 = unknown)
 
 
 def token_features(answers: AnswerFeatures, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,14 +61,19 @@ def token_features(answers: AnswerFeatures, run: torch.Tensor) -> tuple[torch.Te
 
 
 class QualityNet(nn.Module):
-    """Query embedding + run set + answer features → every model's quality logit (and log variance)."""
+    """Query embedding (+ source) + run set + answer features → every model's quality logit (and log variance)."""
 
     def __init__(self, config: NetConfig) -> None:
         super().__init__()
         self.config = config
-        h, k = config.hidden, config.n_models
-        self.model_embedding = nn.Parameter(torch.randn(k, h) * 0.02)
-        self.query = nn.Sequential(nn.LayerNorm(config.embed_dim), nn.Linear(config.embed_dim, h))
+        h, k, d = config.hidden, config.n_models, config.embed_dim
+        source_dim = 16 if config.n_sources else 0
+        self.source = nn.Embedding(config.n_sources + 1, source_dim) if config.n_sources else None
+        self.ante = nn.Sequential(
+            nn.Linear(d + source_dim, 2 * h), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * h, k)
+        )
+        self.model_embedding = nn.Parameter(torch.randn(k, h) / h**0.5)
+        self.query = nn.Linear(d + source_dim, h)
         self.scalars = nn.Linear(N_SCALAR_FEATURES, h)
         self.pairs = nn.Linear(2 * k, h, bias=False)
         layer = nn.TransformerEncoderLayer(
@@ -72,18 +81,30 @@ class QualityNet(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(h)
-        self.quality_head = nn.Linear(h, 1)
+        self.readout = nn.Parameter(torch.zeros(k, h))  # per-model correction weights, start at no correction
+        self.readout_bias = nn.Parameter(torch.zeros(k))
+        self.direct = nn.Linear(N_SCALAR_FEATURES, 1)  # a direct path from a model's own answer features
         self.variance_head = nn.Sequential(nn.Linear(h + 1, h), nn.GELU(), nn.Linear(h, 1))
 
-    def hidden(self, embedding: torch.Tensor, answers: AnswerFeatures, run: torch.Tensor) -> torch.Tensor:
-        """Token states (B, k, hidden)."""
-        scalars, pairs = token_features(answers, run)
-        tokens = self.model_embedding + self.query(embedding).unsqueeze(1) + self.scalars(scalars) + self.pairs(pairs)
-        return self.norm(self.encoder(tokens))
+    def _query(self, embedding: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        if self.source is None:
+            return embedding
+        if source is None:
+            source = torch.zeros(embedding.shape[0], dtype=torch.long, device=embedding.device)
+        return torch.cat([embedding, self.source(source)], 1)
 
-    def forward(self, embedding: torch.Tensor, answers: AnswerFeatures, run: torch.Tensor) -> torch.Tensor:
-        """Quality logits (B, k)."""
-        return self.quality_head(self.hidden(embedding, answers, run)).squeeze(2)
+    def forward(
+        self, embedding: torch.Tensor, answers: AnswerFeatures, run: torch.Tensor, source: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quality logits (B, k), token states (B, k, hidden))."""
+        query = self._query(embedding, source)
+        ante = self.ante(query)
+        scalars, pairs = token_features(answers, run)
+        scalars = torch.cat([scalars, torch.tanh(ante.detach() / 4).unsqueeze(2)], 2)
+        tokens = self.model_embedding + self.query(query).unsqueeze(1) + self.scalars(scalars) + self.pairs(pairs)
+        hidden = self.norm(self.encoder(tokens))
+        correction = (hidden * self.readout).sum(2) + self.readout_bias + self.direct(scalars).squeeze(2)
+        return ante + correction, hidden
 
     def log_variance(self, hidden: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """Log variance (B, k) of the move of each estimate once all models run, from detached token states."""

@@ -37,3 +37,20 @@ def sample_run_sets(
         rows.append(torch.arange(n_rows).repeat_interleave(per_row))
         runs.append(rank < sizes.unsqueeze(1))
     return torch.cat(rows), torch.cat(runs)
+
+
+def sample_states(
+    n_rows: int, k: int, max_depth: int, per_row: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_row` states per row for one training epoch: (rows (N,), run (N, k) bool).
+
+    Each is, with equal chance, a cascade prefix or a random subset, of size uniform in 0..min(max_depth, k),
+    so an epoch visits every row `per_row` times and, over epochs, the run sets a cascade router meets.
+    """
+    depth = min(max_depth, k)
+    m = n_rows * per_row
+    sizes = torch.randint(0, depth + 1, (m,), generator=generator)
+    rank = torch.rand(m, k, generator=generator).argsort(1).argsort(1)
+    prefix = torch.rand(m, generator=generator) < 0.5
+    order = torch.where(prefix.unsqueeze(1), torch.arange(k).expand(m, k), rank)
+    return torch.arange(n_rows).repeat_interleave(per_row), order < sizes.unsqueeze(1)

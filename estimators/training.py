@@ -24,7 +24,7 @@ from router_train.outputs import atomic_write_json
 
 from .features import AnswerFeatures
 from .network import QualityNet
-from .run_sets import sample_run_sets
+from .run_sets import sample_run_sets, sample_states
 
 Logger = Callable[[dict], None]
 
@@ -36,12 +36,14 @@ class QualityData:
 
     answers: AnswerFeatures
     quality: torch.Tensor  # (n, k) float32 targets in [0, 1]
+    source: torch.Tensor  # (n,) long source tag index, 0 = unknown
     embedding: torch.Tensor | None = None  # (n, d)
     tokens: dict[str, torch.Tensor] | None = None  # input_ids, attention_mask (n, L)
 
     def batch(self, rows: torch.Tensor, device: torch.device) -> dict:
         rows = rows.cpu()
         out = {"answers": AnswerFeatures(*(getattr(self.answers, f)[rows].to(device) for f in AnswerFeatures.__dataclass_fields__))}
+        out["source"] = self.source[rows].to(device)
         if self.embedding is not None:
             out["embedding"] = self.embedding[rows].to(device)
         else:
@@ -65,8 +67,7 @@ class LearnedModule(nn.Module):
 
     def forward(self, batch: dict, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(quality logits, token states) for a batch of rows with run sets `run`."""
-        hidden = self.net.hidden(self.embed(batch), batch["answers"], run)
-        return self.net.quality_head(hidden).squeeze(2), hidden
+        return self.net(self.embed(batch), batch["answers"], run, batch["source"])
 
 
 @dataclass
@@ -74,20 +75,22 @@ class TrainSettings:
     """Optimization settings of stage 1 and 2."""
 
     max_depth: int = 3
-    per_row: int = 4
+    per_row: int = 1  # training states per row and epoch
     epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 4
+    source_dropout: float = 0.2  # share of training states whose source tag is hidden (serving may not know it)
     variance_epochs: int = 5
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     seed: int = 0
 
 
 def _states(n_rows: int, k: int, settings: TrainSettings, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed evaluation states: every prefix up to the depth cap and two random subsets per row."""
     gen = torch.Generator().manual_seed(seed)
-    return sample_run_sets(n_rows, k, settings.max_depth, settings.per_row, gen)
+    return sample_run_sets(n_rows, k, settings.max_depth, 2, gen)
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -127,7 +130,8 @@ def train_quality(
 
     while progress["epoch"] < settings.epochs and progress["bad_epochs"] < settings.patience:
         epoch = progress["epoch"]
-        rows, run = _states(len(fit_rows), k, settings, settings.seed + epoch)
+        gen = torch.Generator().manual_seed(settings.seed + epoch)
+        rows, run = sample_states(len(fit_rows), k, settings.max_depth, settings.per_row, gen)
         loader = DataLoader(
             TensorDataset(fit_rows[rows], run),
             batch_size=settings.batch_size,
@@ -139,6 +143,8 @@ def train_quality(
         total, count = 0.0, 0
         for batch_rows, batch_run in loader:
             batch = data.batch(batch_rows, device)
+            hide = torch.rand(len(batch_rows), generator=gen) < settings.source_dropout
+            batch["source"] = batch["source"].masked_fill(hide.to(device), 0)
             with accelerator.autocast():
                 logits, _ = module(batch, batch_run)
             loss = _loss(logits, batch["quality"])

@@ -16,7 +16,7 @@ from estimators.training import TrainSettings
 
 
 def tiny_config(encoder_dir, cache, **train) -> LearnedConfig:
-    settings = dict(max_depth=3, per_row=2, epochs=8, batch_size=64, lr=3e-3, patience=3, variance_epochs=3)
+    settings = dict(max_depth=3, per_row=4, epochs=40, batch_size=64, lr=3e-3, patience=8, variance_epochs=3)
     settings.update(train)
     return LearnedConfig(
         encoder=EncoderConfig(name_or_path=str(encoder_dir), max_length=64, batch_size=32),
@@ -67,10 +67,10 @@ def test_broken_exports_fail_at_load_with_clear_messages(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="estimator.safetensors is missing"):
         LearnedEstimator.load(tmp_path / "e")
     tensors = safetensors.torch.load_file(str(tmp_path / "weights"))
-    name = next(n for n in tensors if n.startswith("net.quality_head.weight"))
+    name = "net.readout"
     tensors[name] = torch.zeros(3, 3)
     safetensors.torch.save_file(tensors, str(tmp_path / "e" / "estimator.safetensors"))
-    with pytest.raises(ValueError, match="quality_head.weight' has shape"):
+    with pytest.raises(ValueError, match="readout. has shape"):
         LearnedEstimator.load(tmp_path / "e")
     meta = json.loads((tmp_path / "e" / "estimator.json").read_text())
     meta["version"] = 99
