@@ -85,11 +85,14 @@ class LearnedEstimator(QualityEstimator):
             return EmbeddingCache(self.config.embedding_cache).get(encoder, texts, progress=progress)
         return encoder.encode(texts)
 
-    def featurize(self, table: RoutingTable, progress: bool = False) -> Features:
+    def featurize(
+        self, table: RoutingTable, progress: bool = False, embeddings: torch.Tensor | None = None
+    ) -> Features:
+        """Per-row features; `embeddings` (n, d) skips the encoder (e.g. a serving cache already has them)."""
         self.check_models(table)
         answers = answer_features(table.answers, table.confidence, table.n, table.k)
         features = {f"answers.{f}": getattr(answers, f) for f in _ANSWER_FIELDS}
-        features["embedding"] = self.embed(list(table.queries), progress)
+        features["embedding"] = self.embed(list(table.queries), progress) if embeddings is None else embeddings
         features["source"] = self.source_index(table.sources)
         features.update({f"cost.{n}": t for n, t in self.cost_model.featurize(table).items()})
         return features
@@ -223,6 +226,9 @@ class LearnedEstimator(QualityEstimator):
                 f"{meta_path}: unsupported estimator format {meta.get('format')!r} version {meta.get('version')!r}; "
                 f"this router-train reads {FORMAT!r} version {VERSION}"
             )
+        absent = [key for key in ("models", "sources", "config", "net", "encoder_identity", "cost") if key not in meta]
+        if absent:
+            raise ValueError(f"{meta_path} lacks the field(s) {absent}; export the estimator again")
         config = _config_from_dict(meta["config"])
         est = cls(config, encoder)
         est.models = list(meta["models"])

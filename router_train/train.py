@@ -28,6 +28,7 @@ import torch
 from estimators.learned import LearnedEstimator
 
 from . import __version__
+from . import manifest as manifest_format
 from .calibrate import CalibrationConfig
 from .config import TrainConfig, load_config, to_dict
 from .evaluate import EvaluationConfig, evaluate, write_report
@@ -35,7 +36,6 @@ from .kernel import KernelConfig
 from .outputs import atomic_write_json
 from .table import RoutingTable, holdout, load_table
 
-MANIFEST_VERSION = 1
 BUNDLED = "bundled"
 """`data.train: bundled` names the default dataset shipped in the package (router_train/data)."""
 
@@ -79,8 +79,8 @@ def manifest(config: TrainConfig, estimator: LearnedEstimator, metrics: dict, si
     """Everything a serving process needs to know about an export besides the weights."""
     strategies = {mode: metrics["strategies"][mode] for mode in config.calibration.methods}
     return {
-        "format": "router-train",
-        "manifest_version": MANIFEST_VERSION,
+        "format": manifest_format.FORMAT,
+        "manifest_version": manifest_format.VERSION,
         "package_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": list(estimator.models),

@@ -1,0 +1,133 @@
+"""Serving with `CascadeRouter`: decisions follow the kernel, budgets interpolate, bad input and broken
+checkpoints fail with messages that name the field, and concurrent callers get consistent answers."""
+
+import json
+import math
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from router_train import CascadeRouter
+
+
+@pytest.fixture(scope="module")
+def export(tiny_export):
+    return tiny_export
+
+
+@pytest.fixture(scope="module")
+def router(export):
+    lo, hi = json.loads((export / "manifest.json").read_text())["budgets"][::4]
+    return CascadeRouter.load(export, budget=(lo + hi) / 2)
+
+
+def test_first_step_runs_a_model_and_later_steps_stop_or_continue(router):
+    queries = [f"what is {i} plus {i}" for i in range(6)]
+    first = router.route_batch(queries)
+    assert all(d.next_model in router.models and d.answer_model is None and d.step == 0 for d in first)
+    assert all(set(d.quality) == set(router.models) and all(0 < q < 1 for q in d.quality.values()) for d in first)
+    observed = [[{"model": d.next_model, "answer": "B", "confidence": -0.1}] for d in first]
+    second = router.route_batch(queries, observed)
+    for d, seen in zip(second, observed):
+        assert d.step == 1 and d.answer_model == seen[0]["model"]
+        assert d.next_model is None or d.next_model not in {s["model"] for s in seen}
+        assert seen[0]["model"] in d.plan
+
+
+def test_decisions_are_deterministic_and_independent_of_batching(router):
+    queries = [f"the cat sat on mat {i}" for i in range(10)]
+    whole = router.route_batch(queries)
+    parts = router.route_batch(queries[:4]) + router.route_batch(queries[4:])
+    assert [d.next_model for d in whole] == [d.next_model for d in parts]
+    again = CascadeRouter.load(router.path, budget=router.budget).route_batch(queries)
+    assert [d.to_dict() for d in again] == [d.to_dict() for d in whole]
+
+
+def test_budget_interpolates_between_calibrated_strategies(router):
+    budgets = router.budgets
+    exact = router.strategy(budgets[1])
+    assert exact.lambdas == tuple(router.manifest["strategies"]["cascade_routing"][1]["lambdas"])
+    mid = router.strategy((budgets[1] + budgets[2]) / 2)
+    a, b = router.strategy(budgets[1]), router.strategy(budgets[2])
+    for x, lo, hi in zip(mid.lambdas, a.lambdas, b.lambdas):
+        assert min(lo, hi) - 1e-9 <= x <= max(lo, hi) + 1e-9
+    with pytest.raises(ValueError, match="outside the calibrated range"):
+        router.route_batch(["q"], budget=budgets[-1] * 2)
+    with pytest.raises(ValueError, match="outside the calibrated range"):
+        router.route_batch(["q"], budget=math.nan)
+
+
+@pytest.mark.parametrize("mode", ["routing", "cascade", "cascade_routing"])
+def test_modes(router, mode):
+    first = router.route_batch(["what is one plus two"], mode=mode)[0]
+    if mode == "cascade":
+        assert first.next_model == router.models[0]
+    observed = [[{"model": first.next_model, "answer": "A"}]]
+    second = router.route_batch(["what is one plus two"], observed, mode=mode)[0]
+    if mode == "routing":
+        assert second.next_model is None and second.answer_model == first.next_model
+
+
+@pytest.mark.parametrize(
+    "queries, observed, message",
+    [
+        ("just one", None, "queries must be a list of strings"),
+        (["ok", 3], None, r"queries\[1\] must be a string"),
+        (["a", "b"], [[]], "observed must have one list per query: 2 queries, got 1"),
+        (["a"], [[{"model": "gpt-9"}]], r"observed\[0\]\[0\].model 'gpt-9' is not in the checkpoint"),
+        (["a"], [[{"model": "model-1"}, {"model": "model-1"}]], r"observed\[0\]: model 'model-1' is observed twice"),
+        (["a", "b"], [[], [{"model": "model-0", "confidence": math.nan}]], r"observed\[1\]\[0\].confidence is nan"),
+        (["a"], [[{"model": "model-0", "confidnce": -1.0}]], r"observed\[0\]\[0\] has unknown field\(s\) \['confidnce'\]"),
+        (["a"], [[{"model": "model-0", "answer": 7}]], r"observed\[0\]\[0\].answer must be a string"),
+        (["a"], [[{"model": "model-0", "tokens_out": -3}]], r"observed\[0\]\[0\].tokens_out must be >= 0"),
+        (["a"], ["model-0"], r"observed\[0\] must be a list"),
+    ],
+)
+def test_bad_input_names_the_query_and_field(router, queries, observed, message):
+    with pytest.raises(ValueError, match=message):
+        router.route_batch(queries, observed)
+
+
+def test_cascade_mode_needs_runs_in_cost_order(router):
+    with pytest.raises(ValueError, match="query 0 is not a prefix"):
+        router.route_batch(["x"], [[{"model": router.models[2]}]], mode="cascade")
+
+
+def test_broken_checkpoints_fail_at_load(export, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(export, broken)
+    (broken / "estimator.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing \['estimator.safetensors'\]"):
+        CascadeRouter.load(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(export, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["manifest_version"] = 7
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="unknown manifest format 'router-train' version 7"):
+        CascadeRouter.load(broken)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CascadeRouter.load(tmp_path / "nowhere")
+
+
+def test_concurrent_callers_get_the_same_decisions(router):
+    queries = [f"question {i} about the river" for i in range(40)]
+    expected = [d.next_model for d in router.route_batch(queries)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda q: router.route_batch([q])[0].next_model, queries))
+    assert got == expected
+
+
+def test_embedding_cache_is_bounded_and_reused(export):
+    small = CascadeRouter.load(export, cache_size=3)
+    calls = []
+    encoder = small.estimator._encoder()
+    original = encoder.encode
+    encoder.encode = lambda texts: calls.append(list(texts)) or original(texts)
+    small.route_batch(["a cat", "a dog", "a cat"])
+    small.route_batch(["a cat", "a bird", "the sun", "the moon"])
+    assert calls == [["a cat", "a dog"], ["a bird", "the sun", "the moon"]]
+    assert len(small._cache) == 3
+    assert torch.is_tensor(next(iter(small._cache.values())))
