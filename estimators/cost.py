@@ -4,14 +4,17 @@ Ex-ante rule, per model j, fitted on the training rows:
 
     ĉ_j = α_{j,s} + β_j · x_j,   clipped at 0,
 
-with `s` the query's source and `x_j` its input size: the query's `tokens_in` for model j when the
-model had tokens_in on at least half its training rows (rows lacking it use `r_j · characters`, with
-`r_j = Σ tokens_in / Σ characters` on train), else the number of characters. β_j ≥ 0 is the
+with `s` the query's source and `x_j` its input size as a serving process knows it before calling
+anything: `r_j · characters` of the query, with `r_j = Σ tokens_in / Σ characters` on train when the
+model had tokens_in on at least half its training rows, else the number of characters. (Recorded
+tokens_in are not used as inputs: serving does not have them, and the evaluation must decide on the
+same information as serving.) β_j ≥ 0 is the
 within-source least-squares slope of cost on x_j and α_{j,s} the source's intercept, shrunk towards
 the model's pooled intercept with the weight of `prior_rows` rows (unseen sources get the pooled one).
 Output tokens are unknown before a model runs; their expected cost, per-call overheads (a self-check
 call, a fixed output allowance) and per-source prompt formats are absorbed by α_{j,s}. So:
-- a table with cost = price × (tokens_in + constant) is recovered exactly (β = price);
+- a table with cost = price × (tokens_in + constant) and tokens_in proportional to the query length
+  is recovered exactly (β = price / r);
 - without tokens, or with constant query lengths, the rule is the per-(model, source) mean cost
   (shrunk towards the model's mean).
 On the real `rlc_train` table this is 5-6× more accurate than price × (tokens_in + mean tokens_out),
@@ -65,7 +68,7 @@ class CostModel:
         in_sum = torch.where(has_in, tokens_in, 0.0).sum(0)
         char_sum = (chars.unsqueeze(1) * has_in).sum(0)
         self.ratio = torch.where(self.uses_tokens & (char_sum > 0), in_sum / char_sum.clamp(min=1e-300), 1.0)
-        x = self._input_size(chars, tokens_in)
+        x = self._input_size(chars)
 
         index = {s: i for i, s in enumerate(self.sources)}
         group = torch.tensor([index[s] for s in table.sources])
@@ -98,7 +101,7 @@ class CostModel:
         if list(table.models) != self.models:
             raise ValueError(f"the table's models {table.models} differ from the cost model's {self.models}")
         n, k = table.n, table.k
-        x = self._input_size(_chars(table), _column(table.tokens_in, n, k))
+        x = self._input_size(_chars(table)).expand(n, k)
         index = {s: i for i, s in enumerate(self.sources)}
         group = torch.tensor([index.get(s, -1) for s in table.sources], dtype=torch.long)
         alpha = torch.where(
@@ -116,11 +119,9 @@ class CostModel:
         """(B, k) float64 cost estimates: post-hoc for run models, ex-ante for the others."""
         return torch.where(run, features["cost_post"][rows], features["cost_ante"][rows])
 
-    def _input_size(self, chars: torch.Tensor, tokens_in: torch.Tensor) -> torch.Tensor:
-        """(n, k) input size per cell: tokens_in (or r·characters where missing), or characters."""
-        estimate = chars.unsqueeze(1) * self.ratio
-        tokens = torch.where(torch.isfinite(tokens_in), tokens_in, estimate)
-        return torch.where(self.uses_tokens, tokens, chars.unsqueeze(1).expand_as(tokens))
+    def _input_size(self, chars: torch.Tensor) -> torch.Tensor:
+        """(n, k) input size per cell: r·characters for models with token counts, else characters."""
+        return chars.unsqueeze(1) * torch.where(self.uses_tokens, self.ratio, 1.0)
 
     def config(self) -> dict:
         """JSON-serializable settings: models, the sources seen in training (the rows of `source_intercept`)."""

@@ -64,33 +64,37 @@ def all_rows(table: RoutingTable, run: torch.Tensor | None = None) -> tuple[torc
 # -- cost model ---------------------------------------------------------------------------------
 
 
-def _priced(seed: int = 0, n: int = 60) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _priced(seed: int = 0, n: int = 60) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries of 4 characters per input token, token counts, and costs from known per-token prices."""
     g = torch.Generator().manual_seed(seed)
-    tokens_in = torch.randint(20, 400, (n, 3), generator=g).double()
+    length = torch.randint(20, 400, (n,), generator=g)
+    queries = ["word" * int(t) for t in length]
+    tokens_in = length.double().unsqueeze(1).repeat(1, 3)
     tokens_out = torch.randint(1, 300, (n, 3), generator=g).double()
     prices = torch.tensor([[1e-7, 4e-7], [5e-7, 1.5e-6], [2.5e-6, 1e-5]], dtype=torch.float64)
     cost = prices[:, 0] * tokens_in + prices[:, 1] * tokens_out
-    return tokens_in, tokens_out, cost, prices
+    return queries, tokens_in, tokens_out, cost, prices
 
 
 def test_cost_model_recovers_token_prices_and_prices_observed_usage() -> None:
-    tokens_in, tokens_out, cost, prices = _priced()
-    model = CostModel().fit(make_table(cost, tokens_in=tokens_in, tokens_out=tokens_out))
+    queries, tokens_in, tokens_out, cost, prices = _priced()
+    model = CostModel().fit(make_table(cost, queries=queries, tokens_in=tokens_in, tokens_out=tokens_out))
     assert bool(model.has_price.all())
     torch.testing.assert_close(model.price[:, :2], prices, rtol=1e-6, atol=1e-15)
     assert float(model.price[:, 2].abs().max()) < 1e-12
     # serving: cost unknown, output tokens observed for the run models -> priced exactly
-    live = make_table(torch.full_like(cost, NAN), tokens_in=tokens_in, tokens_out=tokens_out)
+    live = make_table(torch.full_like(cost, NAN), queries=queries, tokens_out=tokens_out)
     rows, run = all_rows(live, torch.ones_like(cost, dtype=torch.bool))
     torch.testing.assert_close(model.predict(model.featurize(live), rows, run), cost, rtol=1e-6, atol=1e-15)
 
 
 def test_cost_model_input_price_plus_constant_is_exact_ex_ante() -> None:
-    tokens_in, _, _, prices = _priced(seed=1)
+    queries, tokens_in, _, _, prices = _priced(seed=1)
     cost = prices[:, 0] * (tokens_in + 256)  # an LLMRouter-style table: price × (input + fixed output allowance)
     sources = [f"s{i % 3}" for i in range(cost.shape[0])]
-    model = CostModel().fit(make_table(cost, tokens_in=tokens_in, sources=sources))
-    live = make_table(torch.full_like(cost, NAN), tokens_in=tokens_in, sources=["s0", "unseen"] * 30)
+    model = CostModel().fit(make_table(cost, queries=queries, tokens_in=tokens_in, sources=sources))
+    # serving knows the query text, not its token count
+    live = make_table(torch.full_like(cost, NAN), queries=queries, sources=["s0", "unseen"] * 30)
     estimate = model.predict(model.featurize(live), *all_rows(live))
     torch.testing.assert_close(estimate, cost, rtol=1e-9, atol=1e-15)
     assert not bool(model.has_price.any())
