@@ -132,6 +132,7 @@ class LearnedEstimator(QualityEstimator):
         self.net = QualityNet(
             NetConfig(embed_dim, table.k, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, n_sources=len(self.sources))
         )
+        self.net.prior.copy_(source_prior(quality[fit_rows], source[fit_rows], len(self.sources)))
         module = LearnedModule(self.net, tuned)
         self.history = train_quality(module, data, fit_rows, val_rows, cfg.train, state_dir=state_dir, log=log)
         module = module.cpu()
@@ -249,7 +250,10 @@ class LearnedEstimator(QualityEstimator):
             if tuned.lora is None:
                 tuned.enable_lora(config.encoder.lora or LoraSettings())
             tuned.load_lora_state_dict({n[5:]: t for n, t in tensors.items() if n.startswith("lora.")})
-        identity = est._encoder().identity()
+        encoder_module = est._encoder()
+        if isinstance(encoder_module, torch.nn.Module):
+            encoder_module.to(device)
+        identity = encoder_module.identity()
         saved = meta["encoder_identity"]
         if identity.get("revision") != saved.get("revision"):
             raise ValueError(
@@ -259,6 +263,18 @@ class LearnedEstimator(QualityEstimator):
             )
         est.net.to(device).eval()
         return est
+
+
+def source_prior(quality: torch.Tensor, source: torch.Tensor, n_sources: int, shrink: float = 10.0) -> torch.Tensor:
+    """Prior logits (n_sources + 1, k): each model's mean quality per source tag, shrunk towards its overall
+    mean with the weight of `shrink` rows; row 0 (unknown tag) is the overall mean."""
+    overall = quality.mean(0)
+    one_hot = torch.nn.functional.one_hot(source, n_sources + 1).float()
+    count = one_hot.sum(0).unsqueeze(1)
+    mean = (one_hot.t() @ quality + shrink * overall) / (count + shrink)
+    mean[0] = overall
+    p = mean.clamp(0.01, 0.99)
+    return torch.log(p / (1 - p))
 
 
 def masked_correlation(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """The learned estimator's network: an ex-ante MLP plus one transformer over model tokens that corrects
 it with whatever the run models answered, for every run set.
 
-`logit_i = ante_i(query) + post_i(tokens)`. The ex-ante part reads the query embedding (and its source
-tag when one is known). Each of the k models is a token: a learned model embedding, the projected query,
+`logit_i = prior_i(source) + ante_i(query) + post_i(tokens)`. The prior is each model's (shrunk) mean
+quality per source tag on the training rows; the ex-ante MLP corrects it from the query embedding (and
+the tag when one is known). Each of the k models is a token: a learned model embedding, the projected query,
 its ex-ante logit, and what is known about its answer when it has run (confidence, length, agreement
 with the other run models' answers), zeros otherwise; attention lets a model that has not run read the
-answers of those that have. A per-model readout of the token, plus a direct linear term in the
-model's own answer features, gives the correction; a second head (trained after) gives the log
+answers of those that have. A per-model readout of the token (for models not run) and a "wide"
+per-model logistic regression on the reference's hand features (every run model's confidence,
+entropy and length, pairwise agreement) give the correction; a second head (trained after) gives the log
 variance of how far each estimate will move once every model has run.
 """
 
@@ -60,6 +62,27 @@ def token_features(answers: AnswerFeatures, run: torch.Tensor) -> tuple[torch.Te
     return scalars, torch.cat([agree, overlap], dim=2)
 
 
+def wide_features(answers: AnswerFeatures, run: torch.Tensor) -> torch.Tensor:
+    """The reference's hand features as one flat vector (B, 6k + k(k-1)): per run model its confidence,
+    top-class probability and entropy, answer length; per pair of run models their agreement and word
+    overlap. Zero for models not run."""
+    r = run.float()
+    conf = answers.confidence * answers.has_confidence
+    q = conf.exp().clamp(1e-6, 1 - 1e-6)
+    p = q * answers.has_confidence
+    entropy = -(q * q.log() + (1 - q) * (1 - q).log()) * answers.has_confidence
+    per_model = torch.cat(
+        [r, r * answers.has_confidence, r * p, r * entropy, r * answers.length / 5.0, r * (conf / 5.0).clamp(min=-4.0)],
+        dim=1,
+    )
+    k = run.shape[1]
+    upper = torch.triu_indices(k, k, offset=1, device=run.device)
+    pair = r[:, upper[0]] * r[:, upper[1]]
+    agree = answers.agree[:, upper[0], upper[1]] * pair
+    overlap = answers.overlap[:, upper[0], upper[1]] * pair
+    return torch.cat([per_model, agree, overlap], dim=1)
+
+
 class QualityNet(nn.Module):
     """Query embedding (+ source) + run set + answer features → every model's quality logit (and log variance)."""
 
@@ -72,6 +95,10 @@ class QualityNet(nn.Module):
         self.ante = nn.Sequential(
             nn.Linear(d + source_dim, 2 * h), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * h, k)
         )
+        nn.init.zeros_(self.ante[-1].weight)  # the ex-ante part starts at the prior
+        nn.init.zeros_(self.ante[-1].bias)
+        # prior logit of each model per source tag (row 0: unknown source), set from training data
+        self.register_buffer("prior", torch.zeros(config.n_sources + 1, k))
         self.model_embedding = nn.Parameter(torch.randn(k, h) / h**0.5)
         self.query = nn.Linear(d + source_dim, h)
         self.scalars = nn.Linear(N_SCALAR_FEATURES, h)
@@ -82,8 +109,14 @@ class QualityNet(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(h)
         self.readout = nn.Parameter(torch.zeros(k, h))  # per-model correction weights, start at no correction
-        self.readout_bias = nn.Parameter(torch.zeros(k))
-        self.direct = nn.Linear(N_SCALAR_FEATURES, 1)  # a direct path from a model's own answer features
+        # the "wide" part: a per-model logistic regression on the reference's hand features
+        n_wide = 6 * k + k * (k - 1)
+        self.wide = nn.Linear(n_wide, k)
+        nn.init.zeros_(self.wide.weight)
+        nn.init.zeros_(self.wide.bias)
+        # standardization of the wide features, set from training data
+        self.register_buffer("wide_mean", torch.zeros(n_wide))
+        self.register_buffer("wide_scale", torch.ones(n_wide))
         self.variance_head = nn.Sequential(nn.Linear(h + 1, h), nn.GELU(), nn.Linear(h, 1))
 
     def _query(self, embedding: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
@@ -98,13 +131,23 @@ class QualityNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(quality logits (B, k), token states (B, k, hidden))."""
         query = self._query(embedding, source)
-        ante = self.ante(query)
+        if source is None:
+            source = torch.zeros(embedding.shape[0], dtype=torch.long, device=embedding.device)
+        ante = self.prior[source] + self.ante(query)
         scalars, pairs = token_features(answers, run)
         scalars = torch.cat([scalars, torch.tanh(ante.detach() / 4).unsqueeze(2)], 2)
         tokens = self.model_embedding + self.query(query).unsqueeze(1) + self.scalars(scalars) + self.pairs(pairs)
         hidden = self.norm(self.encoder(tokens))
-        correction = (hidden * self.readout).sum(2) + self.readout_bias + self.direct(scalars).squeeze(2)
+        # the transformer informs models not yet run; a run model's answer speaks through the wide part
+        correction = (hidden * self.readout).sum(2) * ~run + self._wide(wide_features(answers, run))
         return ante + correction, hidden
+
+    def _wide(self, wide: torch.Tensor) -> torch.Tensor:
+        return self.wide((wide - self.wide_mean) / self.wide_scale)
+
+    def shallow(self, wide: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """The network's logits while its deep parts are still zero: prior plus the wide regression."""
+        return self.prior[source] + self._wide(wide)
 
     def log_variance(self, hidden: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """Log variance (B, k) of the move of each estimate once all models run, from detached token states."""

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from router_train.outputs import atomic_write_json
 
 from .features import AnswerFeatures
-from .network import QualityNet
+from .network import QualityNet, wide_features
 from .run_sets import sample_run_sets, sample_states
 
 Logger = Callable[[dict], None]
@@ -81,6 +81,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 4
+    shallow_c: float = 1.0  # inverse L2 strength of the stage-0 regression (sklearn's C)
     source_dropout: float = 0.2  # share of training states whose source tag is hidden (serving may not know it)
     variance_epochs: int = 5
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
@@ -97,6 +98,31 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
 
 
+def fit_shallow(net: QualityNet, data: QualityData, fit_rows: torch.Tensor, settings: TrainSettings) -> None:
+    """Stage 0: fit the wide regression (the deep parts are still zero) to convergence by L-BFGS, like the
+    reference's logistic regressions, so that training starts from a strong, well-fitted model."""
+    k = data.quality.shape[1]
+    rows, run = sample_run_sets(len(fit_rows), k, settings.max_depth, 4, torch.Generator().manual_seed(settings.seed + 5))
+    rows = fit_rows[rows]
+    answers = AnswerFeatures(*(getattr(data.answers, f)[rows] for f in AnswerFeatures.__dataclass_fields__))
+    device = net.prior.device
+    wide = wide_features(answers, run).to(device)
+    source, target = data.source[rows].to(device), data.quality[rows].to(device)
+    net.wide_mean.copy_(wide.mean(0))
+    net.wide_scale.copy_(wide.std(0).clamp(min=1e-3))
+    params = list(net.wide.parameters())
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+    penalty = 0.5 / (settings.shallow_c * len(fit_rows))
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = _loss(net.shallow(wide, source), target) + penalty * net.wide.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
 def train_quality(
     module: LearnedModule,
     data: QualityData,
@@ -107,12 +133,17 @@ def train_quality(
     state_dir: Path | None = None,
     log: Logger | None = None,
 ) -> list[dict]:
-    """Stage 1: fit the quality head (and LoRA weights) with early stopping; resumes from `state_dir`.
+    """Stages 0 and 1: fit the wide regression, then the deep parts (and LoRA weights) with early stopping
+    against the stage-0 model; resumes from `state_dir`.
 
     Returns the per-epoch history; the module ends with the weights of the best validation epoch.
     """
     accelerator = Accelerator(mixed_precision=settings.mixed_precision)
     k = data.quality.shape[1]
+    resuming = state_dir is not None and (state_dir / "progress.json").exists()
+    if not resuming:
+        fit_shallow(module.net, data, fit_rows, settings)
+    module.net.wide.requires_grad_(False)  # stage 0 fitted it to convergence; the deep parts learn the rest
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -121,12 +152,16 @@ def train_quality(
     val_rows_idx = val_rows[val_rows_idx]
 
     progress = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "history": []}
-    if state_dir is not None and (state_dir / "progress.json").exists():
+    best = None
+    if resuming:
         accelerator.load_state(str(state_dir / "accelerate"))
         progress = json.loads((state_dir / "progress.json").read_text())
-    best = None
-    if state_dir is not None and (state_dir / "best.safetensors").exists():
-        best = load_file(str(state_dir / "best.safetensors"))
+        if (state_dir / "best.safetensors").exists():
+            best = load_file(str(state_dir / "best.safetensors"))
+    else:
+        progress["best_val"] = evaluate_loss(module, data, val_rows_idx, val_run, settings.batch_size, accelerator)
+        progress["history"].append({"epoch": 0, "val_loss": progress["best_val"]})
+        best = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(module).state_dict().items()}
 
     while progress["epoch"] < settings.epochs and progress["bad_epochs"] < settings.patience:
         epoch = progress["epoch"]

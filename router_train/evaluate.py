@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default="noisy", choices=ESTIMATORS, help="quality estimator (default noisy)")
     p.add_argument("--noise", default="low", choices=["low", "medium", "high"], help="noise level of --estimator noisy")
     p.add_argument("--checkpoint", help="--estimator learned: a trained export (checkpoints/<run>) instead of training")
-    p.add_argument("--config", help="--estimator learned: YAML recipe whose `estimator` section to train with")
+    p.add_argument("--config", help="knn, learned: YAML recipe whose `estimator` section (encoder, network) to use")
     p.add_argument("--encoder", help="text encoder (local folder or hub id) for knn and learned; default all-MiniLM-L6-v2")
     p.add_argument("--holdout", type=float, default=0.25,
                    help="share of training queries kept from trained estimators (logreg, knn, learned) to calibrate on")
@@ -212,7 +212,7 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Routin
     estimators are fitted on the training queries minus a held-back share, on which λ is calibrated.
     """
     from estimators import NoisyEstimator
-    from estimators.encoder import EncoderConfig, TextEncoder
+    from estimators.encoder import TextEncoder
     from estimators.knn import KNNEstimator
     from estimators.learned import LearnedConfig, LearnedEstimator
     from estimators.logreg import LogRegEstimator
@@ -225,9 +225,6 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Routin
     fit_rows, calibration = holdout(train, args.holdout, args.seed)
     if args.estimator == "logreg":
         return LogRegEstimator(max_depth=args.max_depth, seed=args.seed).fit(fit_rows), calibration
-    if args.estimator == "knn":
-        encoder = TextEncoder(EncoderConfig(name_or_path=args.encoder or "default"))
-        return KNNEstimator(CachedEmbedder(encoder), seed=args.seed).fit(fit_rows), calibration
     if args.config:
         from .config import load_config
 
@@ -236,6 +233,9 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Routin
         config = LearnedConfig()
     if args.encoder:
         config.encoder.name_or_path = args.encoder
+    if args.estimator == "knn":
+        encoder = TextEncoder(config.encoder)
+        return KNNEstimator(CachedEmbedder(encoder), seed=args.seed).fit(fit_rows), calibration
     return LearnedEstimator(config).fit(fit_rows, progress=True), calibration
 
 

@@ -32,7 +32,7 @@ def random_frame(n: int = 80, k: int = 5, *, seed: int = 0, test_fraction: float
                     "source": f"task{q % 3}",
                     "split": "test" if q < int(n * test_fraction) else "train",
                     "answer": answer,
-                    "confidence": float(np.log(rng.uniform(0.3, 1.0)) if correct else np.log(rng.uniform(0.05, 0.9))),
+                    "confidence": float(np.log(rng.uniform(0.5, 1.0)) if correct else np.log(rng.uniform(0.05, 0.7))),
                     "tokens_in": 50 + q % 13,
                     "tokens_out": 5 + (q + j) % 11,
                 }

@@ -123,7 +123,7 @@ def test_training_resumes_where_it_stopped(tmp_path):
     assert json.loads((state / "progress.json").read_text())["epoch"] == 1
     resumed = LearnedEstimator(tiny_config(encoder_dir, tmp_path / "c", epochs=2, patience=5))
     resumed.fit(table, state_dir=state)
-    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]  # 0: the stage-0 regression
     for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -143,3 +143,15 @@ def test_lora_fine_tuning_exports_its_adapter(tmp_path):
     a = estimator.predict(estimator.featurize(test), rows, run).quality
     b = loaded.predict(loaded.featurize(test), rows, run).quality
     torch.testing.assert_close(a, b)
+
+
+def test_cells_without_confidence_or_answer_give_finite_estimates(trained):
+    """Serving tables leave unknown cells empty (None answers, NaN confidence): estimates stay finite."""
+    _, table, estimator = trained
+    test = table.test()
+    test.confidence = test.confidence.clone()
+    test.confidence[:, 1:] = float("nan")
+    test.answers = [[row[0], None, None, None] for row in test.answers]
+    rows, run = states(test.n, test.k, seed=3)
+    est = estimator.predict(estimator.featurize(test), rows, run)
+    assert bool(torch.isfinite(est.quality).all() and torch.isfinite(est.cov).all())
