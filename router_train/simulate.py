@@ -118,23 +118,34 @@ class Simulator:
             cache[key] = _StateStore(self.k, t, self.n)
         return cache[key]
 
-    def estimates(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
-        """Estimated qualities (B, k) at each state, cached."""
-        t = int(run[0].sum()) if rows.numel() else 0
-        store = self._store(self._estimates, t, t)
+    def _cached(self, store: _StateStore, rows: torch.Tensor, run: torch.Tensor, compute) -> torch.Tensor:
+        """Slots of the states (rows, run) in `store`, computing the missing ones (each once) with
+        `compute(rows, run) -> dict of per-state tensors`."""
         keys = store.key(rows, run)
         slots = store.find(keys)
         missing = (slots < 0).nonzero().squeeze(1)
         if missing.numel():
             new_keys, first = _unique_first(keys[missing])
             sel = missing[first]
-            qualities = [
-                self.estimator.predict(self.features, rows[sel[i : i + self.batch_size]], run[sel[i : i + self.batch_size]])
-                .quality.to(torch.float64)
-                for i in range(0, sel.numel(), self.batch_size)
-            ]
-            store.add(new_keys, {"quality": torch.cat(qualities)})
+            store.add(new_keys, compute(rows[sel], run[sel]))
             slots = store.find(keys)
+        return slots
+
+    def _batches(self, rows: torch.Tensor, run: torch.Tensor):
+        """Estimates for states in batches of `batch_size`: yields (run, Estimate)."""
+        for i in range(0, rows.numel(), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            yield run[sl], self.estimator.predict(self.features, rows[sl], run[sl])
+
+    def estimates(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        """Estimated qualities (B, k) at each state, cached."""
+        t = int(run[0].sum()) if rows.numel() else 0
+        store = self._store(self._estimates, t, t)
+
+        def compute(rows, run):
+            return {"quality": torch.cat([est.quality.to(torch.float64) for _, est in self._batches(rows, run)])}
+
+        slots = self._cached(store, rows, run, compute)
         return store.data["quality"][slots]
 
     def candidates(self, rows: torch.Tensor, run: torch.Tensor, strategy: Strategy) -> Candidates:
@@ -142,40 +153,28 @@ class Simulator:
         t = int(run[0].sum())
         structure = (strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k), t)
         store = self._store(self._candidates, structure, t)
-        keys = store.key(rows, run)
-        slots = store.find(keys)
-        missing = (slots < 0).nonzero().squeeze(1)
-        if missing.numel():
-            new_keys, first = _unique_first(keys[missing])
-            sel = missing[first]
+        chunk = chunk_rows(self.k, t, strategy.max_depth, self.kernel)
+
+        def compute(rows, run):
             parts = []
-            for i in range(0, sel.numel(), self.batch_size):
-                part = sel[i : i + self.batch_size]
-                est = self.estimator.predict(self.features, rows[part], run[part])
+            for part_run, est in self._batches(rows, run):
                 factor = factorize(est.cov, dtype=self.kernel.dtype)
-                chunk = chunk_rows(self.k, t, strategy.max_depth, self.kernel)
-                for j in range(0, part.numel(), chunk):
+                for j in range(0, part_run.shape[0], chunk):
                     sl = slice(j, j + chunk)
                     cands = step_candidates(
-                        est.quality[sl], None if factor is None else factor[sl], est.cost[sl], run[part][sl],
+                        est.quality[sl], None if factor is None else factor[sl], est.cost[sl], part_run[sl],
                         strategy, self.kernel,
                     )
                     parts.append(prune(cands))
             width = max(p.value.shape[1] for p in parts)
             merged = Candidates.cat([_widen(p, width) for p in parts])
-            store.add(
-                new_keys,
-                {
-                    "value": merged.value.to(torch.float64),
-                    "cost": merged.cost,
-                    "valid": merged.valid,
-                    "index": merged.index,
-                    "comp": merged.comp,
-                    "run_mask": merged.run_mask,
-                },
-            )
             store.table = merged.table
-            slots = store.find(keys)
+            return {
+                "value": merged.value.to(torch.float64), "cost": merged.cost, "valid": merged.valid,
+                "index": merged.index, "comp": merged.comp, "run_mask": merged.run_mask,
+            }
+
+        slots = self._cached(store, rows, run, compute)
         d = store.data
         return Candidates(
             t, store.table, d["comp"][slots], d["run_mask"][slots], d["value"][slots], d["cost"][slots],
