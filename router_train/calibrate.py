@@ -17,7 +17,8 @@ import optuna
 from .simulate import Simulator
 from .strategy import Strategy
 
-LAMBDA_MODES = ("routing", "cascade", "cascade_routing")
+SIGMA_MODES = ("cascade", "cascade_routing")
+"""Modes whose decisions depend on Σ (through E[max] of supermodels of two or more models)."""
 THRESHOLD_RANGE = (-10.0, 10.0)
 """Search range of the thresholding cascade's θ (continue while q̂ < 1 - θ)."""
 THRESHOLD_GRID = tuple(x / 8 for x in range(-4, 13))
@@ -42,14 +43,16 @@ class CalibrationConfig:
     seed: int = 0
     lambda_log_range: float = 2.0  # per-step λ_t = scale · exp(u_t), u_t in [-range, range]
     threshold_range: float = 0.3  # per-step θ_t = scale + u_t, u_t in [-range, range]
+    sigma_scales: tuple[float, ...] = (1.0,)  # Σ multipliers tried for the modes that use Σ; the best is kept
 
 
 class _Family:
     """Strategies of one mode and depth indexed by a scalar `scale` (mean cost non-increasing in it)
     and a per-step `shape`: λ_t = scale · shape_t, or θ_t = scale + shape_t for the thresholding cascade."""
 
-    def __init__(self, mode: str, max_depth: int, force_order: bool, budget: float) -> None:
+    def __init__(self, mode: str, max_depth: int, force_order: bool, budget: float, sigma_scale: float = 1.0) -> None:
         self.mode, self.max_depth, self.force_order, self.budget = mode, max_depth, force_order, budget
+        self.sigma_scale = sigma_scale
         self.threshold = mode == "threshold_cascade"
         self.n_params = max_depth - 1 if self.threshold else max_depth
         self.neutral = tuple([0.0 if self.threshold else 1.0] * self.n_params)
@@ -61,7 +64,7 @@ class _Family:
             )
         return Strategy(
             self.mode, self.max_depth, lambdas=[scale * s for s in shape], gamma=gamma,
-            force_order=self.force_order, budget=self.budget,
+            force_order=self.force_order, sigma_scale=self.sigma_scale, budget=self.budget,
         )
 
 
@@ -79,14 +82,25 @@ def calibrate(
 
     Usually that spends the budget exactly (γ mixes the two tie-breaks at the crossing); when spending
     less gives a higher quality (e.g. a cascade whose later models are worse), the cheapest of the best
-    strategies seen during the search is returned, with γ = 0. `memo` (strategy → mean cost and
-    quality) lets a budget sweep reuse simulations.
+    strategies seen during the search is returned, with γ = 0. For the modes that use Σ, each of
+    `config.sigma_scales` is calibrated and the best kept. `memo` (strategy → mean cost and quality)
+    lets a budget sweep reuse simulations.
     """
     if mode == "routing":
         max_depth = 1
-    family = _Family(mode, max_depth, force_order, budget)
-    feasible: list[Fit] = []
     memo = {} if memo is None else memo
+    scales = config.sigma_scales if mode in SIGMA_MODES else (1.0,)
+    fits = [
+        _calibrate_family(sim, _Family(mode, max_depth, force_order, budget, scale), budget, config, memo)
+        for scale in scales
+    ]
+    top = max(f.quality for f in fits)
+    return min((f for f in fits if f.quality >= top - 1e-12), key=lambda f: f.cost)
+
+
+def _calibrate_family(sim: Simulator, family: _Family, budget: float, config: CalibrationConfig, memo: dict) -> Fit:
+    """Calibrate the multipliers of one strategy family for the budget (see `calibrate`)."""
+    feasible: list[Fit] = []
 
     def measure(scale: float, shape: tuple[float, ...]) -> tuple[float, float]:
         strategy = family.make(scale, shape)

@@ -39,6 +39,7 @@ class CalibrationSettings:
     samples: int = 100
     bootstrap: int = 500
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    sigma_scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # Σ multipliers to calibrate
 
 
 @dataclass

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-order", action="store_true", help="cascade routing runs models in cost order only")
     p.add_argument("--samples", type=int, default=100, help="quasi-Monte-Carlo samples of E[max] (default 100)")
     p.add_argument("--trials", type=int, default=50, help="TPE trials for per-step multipliers (default 50)")
+    p.add_argument("--sigma-scales", help="comma-separated Σ multipliers calibrated for cascade and cascade "
+                   "routing (default: 1 for the noisy estimator, 0,0.5,1 for trained estimators)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the AUC intervals")
     p.add_argument("--split", default="auto", choices=["auto", "column", "seeded"],
                    help="train/test: the split column, a seeded split of query ids, or auto (column if it has both)")
@@ -256,6 +258,11 @@ def main(argv: list[str] | None = None) -> dict:
         test = test.in_model_order(train.models)
     if args.checkpoint and args.estimator != "learned":
         raise SystemExit("error: --checkpoint needs --estimator learned")
+    default_scales = "1" if args.estimator == "noisy" else "0,0.5,1"
+    try:
+        sigma_scales = tuple(float(x) for x in (args.sigma_scales or default_scales).split(","))
+    except ValueError:
+        raise SystemExit(f"error: --sigma-scales must be comma-separated numbers, got {args.sigma_scales!r}") from None
     estimator, calibration = build_estimator(args, train)
     test = test.in_model_order(estimator.models)
     config = EvaluationConfig(
@@ -266,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         kernel=KernelConfig(n_samples=args.samples, seed=args.seed),
-        calibration=CalibrationConfig(n_trials=args.trials, seed=args.seed),
+        calibration=CalibrationConfig(n_trials=args.trials, seed=args.seed, sigma_scales=sigma_scales),
     )
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     log(f"evaluating {len(methods)} methods: calibrating on {calibration.n} queries, testing on {test.n}, "

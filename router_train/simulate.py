@@ -17,7 +17,7 @@ import torch
 from estimators.base import Features, QualityEstimator
 
 from .kernel import Candidates, KernelConfig, answer_models, choose, factorize, step_candidates
-from .kernel.decide import chunk_rows, threshold_step
+from .kernel.decide import chunk_rows, scaled_cov, threshold_step
 from .kernel.prune import prune
 from .strategy import Strategy
 from .table import RoutingTable
@@ -151,14 +151,16 @@ class Simulator:
     def candidates(self, rows: torch.Tensor, run: torch.Tensor, strategy: Strategy) -> Candidates:
         """Pruned candidate supermodels at each state for the strategy's structure, cached."""
         t = int(run[0].sum())
-        structure = (strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k), t)
+        structure = (
+            strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k), strategy.sigma_scale, t
+        )
         store = self._store(self._candidates, structure, t)
         chunk = chunk_rows(self.k, t, strategy.max_depth, self.kernel)
 
         def compute(rows, run):
             parts = []
             for part_run, est in self._batches(rows, run):
-                factor = factorize(est.cov, dtype=self.kernel.dtype)
+                factor = factorize(scaled_cov(est.cov, strategy.sigma_scale), dtype=self.kernel.dtype)
                 for j in range(0, part_run.shape[0], chunk):
                     sl = slice(j, j + chunk)
                     cands = step_candidates(

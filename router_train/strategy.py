@@ -17,7 +17,9 @@ class Strategy:
 
     `lambdas[t]` is the cost multiplier at step t (t models run), `thresholds[t-1]` the threshold θ_t
     of the thresholding cascade after t models; `gamma` the probability of breaking ties towards the
-    most expensive supermodel (ties towards the cheapest otherwise).
+    most expensive supermodel (ties towards the cheapest otherwise); `sigma_scale` multiplies the
+    estimators' Σ (0: supermodels are valued by the max of point estimates, so cascade routing
+    behaves as routing), a calibrated hedge against over-confident uncertainty.
     """
 
     mode: str
@@ -26,6 +28,7 @@ class Strategy:
     thresholds: tuple[float, ...] = ()
     gamma: float = 0.0
     force_order: bool = False
+    sigma_scale: float = 1.0
     budget: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +52,8 @@ class Strategy:
                 raise ValueError(f"strategy.{name} must be finite, got {values}")
         if any(v < 0 for v in self.lambdas):
             raise ValueError(f"strategy.lambdas must be >= 0, got {self.lambdas}")
+        if not (math.isfinite(self.sigma_scale) and self.sigma_scale >= 0):
+            raise ValueError(f"strategy.sigma_scale must be finite and >= 0, got {self.sigma_scale}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"strategy.gamma must be in [0, 1], got {self.gamma}")
 

@@ -161,7 +161,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
         n_bootstrap=cal.bootstrap,
         seed=config.seed,
         kernel=KernelConfig(n_samples=cal.samples, seed=config.seed),
-        calibration=CalibrationConfig(n_trials=cal.trials, seed=config.seed),
+        calibration=CalibrationConfig(n_trials=cal.trials, seed=config.seed, sigma_scales=tuple(cal.sigma_scales)),
     )
     t0 = time.perf_counter()
     metrics = evaluate(calib_table, test, estimator, eval_config, log=log)

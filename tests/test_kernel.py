@@ -227,3 +227,19 @@ def test_equal_costs_within_a_tie_go_to_the_first_listed():
     cost = torch.tensor([[1e-4, 1e-4]])
     out = decide(quality, cost, torch.zeros(1, 2, dtype=torch.bool), Strategy("routing", 1, lambdas=[10.0]))
     assert out.next_model.tolist() == [0]
+
+
+def test_sigma_scale_multiplies_the_covariance():
+    torch.manual_seed(3)
+    b, k = 40, 6
+    quality, cost = torch.rand(b, k, dtype=torch.float64), torch.rand(b, k, dtype=torch.float64) * 1e-3
+    cov = torch.diag_embed(torch.rand(b, k, dtype=torch.float64) * 0.05)
+    run = torch.zeros(b, k, dtype=torch.bool)
+    base = Strategy("cascade_routing", 3, lambdas=[200.0] * 3)
+    config = KernelConfig(dtype=torch.float64)
+    for scale, reference_cov in ((0.0, None), (2.5, cov * 2.5)):
+        scaled = decide(quality, cost, run, base.replace(sigma_scale=scale), cov=cov, config=config)
+        reference = decide(quality, cost, run, base, cov=reference_cov, config=config)
+        assert torch.equal(scaled.supermodel, reference.supermodel)
+    with pytest.raises(ValueError, match="sigma_scale must be finite and >= 0"):
+        base.replace(sigma_scale=-1.0)

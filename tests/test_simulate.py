@@ -132,3 +132,17 @@ def test_calibration_prefers_quality_over_spending(setup):
                     config=CalibrationConfig(n_trials=4))
     assert fit.quality == pytest.approx(float(worse.quality[:, 0].mean()))
     assert fit.cost == pytest.approx(float(worse.cost[:, 0].mean()))
+
+
+def test_calibrating_sigma_scales_keeps_the_best(setup):
+    table, estimator, _ = setup
+    sim = Simulator(table.train(), estimator, kernel=KERNEL)
+    costs = table.train().cost.mean(0)
+    budget = float(costs[1] + 0.5 * (costs[3] - costs[1]))
+    only_one = calibrate(sim, "cascade_routing", budget, max_depth=3, config=CalibrationConfig(n_trials=4))
+    several = calibrate(sim, "cascade_routing", budget, max_depth=3,
+                        config=CalibrationConfig(n_trials=4, sigma_scales=(0.0, 0.5, 1.0)))
+    assert several.quality >= only_one.quality - 1e-12
+    assert several.strategy.sigma_scale in (0.0, 0.5, 1.0)
+    cost, quality = sim.expected(several.strategy)
+    assert float(quality.mean()) == pytest.approx(several.quality, rel=1e-9)

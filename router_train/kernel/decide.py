@@ -65,6 +65,13 @@ def factorize(cov: torch.Tensor | None, *, eps: float = CHOLESKY_EPS, dtype: tor
     return chol.to(dtype)
 
 
+def scaled_cov(cov: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """Σ multiplied by a strategy's `sigma_scale`; None (point estimates) for a zero scale."""
+    if cov is None or scale == 0.0:
+        return None
+    return cov if scale == 1.0 else cov * scale
+
+
 def answer_models(quality: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
     """The run model with the highest (post-hoc) estimated quality, first on ties; -1 where none ran."""
     masked = quality.to(torch.float64).masked_fill(~run, float("-inf"))
@@ -163,7 +170,7 @@ def decide(
     device = quality.device
     if expensive is None:
         expensive = torch.zeros(b, dtype=torch.bool, device=device)
-    factor = factorize(cov, dtype=config.dtype)
+    factor = factorize(scaled_cov(cov, strategy.sigma_scale), dtype=config.dtype)
     t_all = run.sum(1)
     next_model = torch.full((b,), -1, dtype=torch.long, device=device)
     supermodel = run_masks(run)
