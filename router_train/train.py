@@ -139,7 +139,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
     fit_table, calib_table = holdout(train, config.calibration.holdout, config.seed)
     log(f"data: {fit_table.n} queries to train the estimator, {calib_table.n} to calibrate, {test.n} to test, "
         f"{train.k} models")
-    wandb_run = start_wandb(config, state)
+    wandb_run = start_wandb(config, out)  # logs go to <output_dir>/wandb and outlive the run's state
     logger = (lambda record: wandb_run.log(record)) if wandb_run is not None else None
 
     def log_epoch(record: dict) -> None:
