@@ -1,7 +1,9 @@
 """The learned quality estimator: text encoder + one network for every run set, calibrated Σ, cost model.
 
-- Ex-ante (nothing run): the query embedding alone; post-hoc: the same network given the run models'
-  answers (confidence, length, agreement). One forward pass estimates all k models.
+- Ex-ante (nothing run): a prior read off the most similar training queries (same source tag when
+  known) corrected by an MLP on the query embedding; post-hoc: the same network given the run models'
+  answers (confidence, length, agreement), through a transformer over model tokens and a wide
+  regression on the reference's hand features. One forward pass estimates all k models.
 - Two modes: a frozen encoder with embeddings computed once and cached (fast on CPU), or LoRA
   fine-tuning of the encoder through peft (GPU).
 - Σ: a variance head predicts how far each estimate moves once every model has run; on held-back rows
@@ -28,6 +30,7 @@ from .base import Embedder, Estimate, Features, QualityEstimator
 from .cost import CostModel
 from .encoder import EmbeddingCache, EncoderConfig, LoraSettings, TextEncoder
 from .features import AnswerFeatures, answer_features
+from .neighbors import NeighborPrior
 from .network import NetConfig, QualityNet
 from .training import LearnedModule, Logger, QualityData, TrainSettings, residuals, train_quality, train_variance
 
@@ -49,6 +52,8 @@ class LearnedConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     val_fraction: float = 0.15  # held-back training rows: early stopping and Σ calibration
     coverage: float = 0.9  # stated coverage of the intervals q̂ ± z σ
+    neighbors: int = 30  # training queries the prior is read from (0: per-source means; 0 when fine-tuning)
+    neighbor_shrink: float = 20.0
     embedding_cache: str | None = ".cache/embeddings"
 
     def __post_init__(self) -> None:
@@ -68,6 +73,7 @@ class LearnedEstimator(QualityEstimator):
         self.sources: list[str] = []  # source tags seen in training; index i + 1 in the network, 0 = unknown
         self.net: QualityNet | None = None
         self.cost_model = CostModel()
+        self.neighbors = NeighborPrior(0 if config.finetune else config.neighbors, config.neighbor_shrink)
         self.scale = 1.0
         self.correlation = torch.ones(1, 1, 1)
         self.history: list[dict] = []
@@ -94,6 +100,7 @@ class LearnedEstimator(QualityEstimator):
         features = {f"answers.{f}": getattr(answers, f) for f in _ANSWER_FIELDS}
         features["embedding"] = self.embed(list(table.queries), progress) if embeddings is None else embeddings
         features["source"] = self.source_index(table.sources)
+        features["prior"] = self.neighbors.logits(features["embedding"], features["source"])
         features.update({f"cost.{n}": t for n, t in self.cost_model.featurize(table).items()})
         return features
 
@@ -119,20 +126,25 @@ class LearnedEstimator(QualityEstimator):
         quality = table.quality.float()
         source = self.source_index(table.sources)
         encoder = self._encoder()
+        embedding = self.embed(list(table.queries), progress)  # (before any fine-tuning) for the prior
+        self.neighbors.fit(embedding[fit_rows], quality[fit_rows], source[fit_rows], len(self.sources))
+        itself = torch.full((table.n,), -1, dtype=torch.long)
+        itself[fit_rows] = torch.arange(len(fit_rows))  # a training query is not its own neighbour
+        blind = torch.zeros_like(source)
+        priors = (self.neighbors.logits(embedding, source, itself), self.neighbors.logits(embedding, blind, itself))
         if cfg.finetune:
             if getattr(encoder, "lora", None) is None:
                 encoder.enable_lora(cfg.encoder.lora or LoraSettings())
             tokens = {name: t.cpu() for name, t in encoder.tokenize(list(table.queries)).items()}
-            data = QualityData(answers, quality, source, tokens=tokens)
-            embed_dim, tuned = encoder.dim, encoder
+            data = QualityData(answers, quality, source, *priors, tokens=tokens)
+            tuned = encoder
         else:
-            embedding = self.embed(list(table.queries), progress)
-            data = QualityData(answers, quality, source, embedding=embedding)
-            embed_dim, tuned = embedding.shape[1], None
+            data = QualityData(answers, quality, source, *priors, embedding=embedding)
+            tuned = None
         self.net = QualityNet(
-            NetConfig(embed_dim, table.k, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, n_sources=len(self.sources))
+            NetConfig(embedding.shape[1], table.k, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout,
+                      n_sources=len(self.sources))
         )
-        self.net.prior.copy_(source_prior(quality[fit_rows], source[fit_rows], len(self.sources)))
         module = LearnedModule(self.net, tuned)
         self.history = train_quality(module, data, fit_rows, val_rows, cfg.train, state_dir=state_dir, log=log)
         module = module.cpu()
@@ -174,7 +186,8 @@ class LearnedEstimator(QualityEstimator):
         run_d = run.to(device)
         self.net.eval()
         source = features["source"][rows].to(device)
-        logits, hidden = self.net(features["embedding"][rows].to(device), answers, run_d, source)
+        prior = features["prior"][rows].to(device)
+        logits, hidden = self.net(features["embedding"][rows].to(device), answers, run_d, prior, source)
         quality = torch.sigmoid(logits).double().cpu()
         sigma = self.net.log_variance(hidden, run_d).mul(0.5).exp().double().cpu() * self.scale
         sigma = sigma.masked_fill(run, 0.0)
@@ -193,6 +206,7 @@ class LearnedEstimator(QualityEstimator):
         tensors["calibration.scale"] = torch.tensor([self.scale], dtype=torch.float64)
         tensors["calibration.correlation"] = self.correlation.contiguous()
         tensors.update({f"cost.{n}": t.contiguous() for n, t in self.cost_model.state_dict().items()})
+        tensors.update({f"neighbors.{n}": t.contiguous() for n, t in self.neighbors.state_dict().items()})
         encoder = self._encoder()
         if self.config.finetune:
             tensors.update({f"lora.{n}": t.detach().cpu().contiguous() for n, t in encoder.lora_state_dict().items()})
@@ -242,6 +256,9 @@ class LearnedEstimator(QualityEstimator):
         k = len(est.models)
         if est.correlation.shape[1:] != (k, k):
             raise ValueError(f"{weights_path}: calibration.correlation has shape {tuple(est.correlation.shape)}, expected (T, {k}, {k})")
+        est.neighbors.load_state_dict(
+            {n: _take(tensors, f"neighbors.{n}", weights_path) for n in ("bank", "quality", "source", "source_mean")}
+        )
         est.cost_model = CostModel.from_config(meta["cost"]).load_state_dict(
             {n[5:]: t for n, t in tensors.items() if n.startswith("cost.")}
         )
@@ -263,18 +280,6 @@ class LearnedEstimator(QualityEstimator):
             )
         est.net.to(device).eval()
         return est
-
-
-def source_prior(quality: torch.Tensor, source: torch.Tensor, n_sources: int, shrink: float = 10.0) -> torch.Tensor:
-    """Prior logits (n_sources + 1, k): each model's mean quality per source tag, shrunk towards its overall
-    mean with the weight of `shrink` rows; row 0 (unknown tag) is the overall mean."""
-    overall = quality.mean(0)
-    one_hot = torch.nn.functional.one_hot(source, n_sources + 1).float()
-    count = one_hot.sum(0).unsqueeze(1)
-    mean = (one_hot.t() @ quality + shrink * overall) / (count + shrink)
-    mean[0] = overall
-    p = mean.clamp(0.01, 0.99)
-    return torch.log(p / (1 - p))
 
 
 def masked_correlation(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The learned estimator's network: an ex-ante MLP plus one transformer over model tokens that corrects
 it with whatever the run models answered, for every run set.
 
-`logit_i = prior_i(source) + ante_i(query) + post_i(tokens)`. The prior is each model's (shrunk) mean
-quality per source tag on the training rows; the ex-ante MLP corrects it from the query embedding (and
-the tag when one is known). Each of the k models is a token: a learned model embedding, the projected query,
+`logit_i = prior_i + ante_i(query) + post_i(tokens)`. The prior (an input, see `neighbors.py`) is each
+model's quality on the most similar training queries; the ex-ante MLP corrects it from the query
+embedding (and the source tag when one is known). Each of the k models is a token: a learned model embedding, the projected query,
 its ex-ante logit, and what is known about its answer when it has run (confidence, length, agreement
 with the other run models' answers), zeros otherwise; attention lets a model that has not run read the
 answers of those that have. A per-model readout of the token (for models not run) and a "wide"
@@ -97,8 +97,6 @@ class QualityNet(nn.Module):
         )
         nn.init.zeros_(self.ante[-1].weight)  # the ex-ante part starts at the prior
         nn.init.zeros_(self.ante[-1].bias)
-        # prior logit of each model per source tag (row 0: unknown source), set from training data
-        self.register_buffer("prior", torch.zeros(config.n_sources + 1, k))
         self.model_embedding = nn.Parameter(torch.randn(k, h) / h**0.5)
         self.query = nn.Linear(d + source_dim, h)
         self.scalars = nn.Linear(N_SCALAR_FEATURES, h)
@@ -127,13 +125,16 @@ class QualityNet(nn.Module):
         return torch.cat([embedding, self.source(source)], 1)
 
     def forward(
-        self, embedding: torch.Tensor, answers: AnswerFeatures, run: torch.Tensor, source: torch.Tensor | None = None
+        self,
+        embedding: torch.Tensor,
+        answers: AnswerFeatures,
+        run: torch.Tensor,
+        prior: torch.Tensor,
+        source: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(quality logits (B, k), token states (B, k, hidden))."""
+        """(quality logits (B, k), token states (B, k, hidden)); `prior` (B, k) holds prior logits."""
         query = self._query(embedding, source)
-        if source is None:
-            source = torch.zeros(embedding.shape[0], dtype=torch.long, device=embedding.device)
-        ante = self.prior[source] + self.ante(query)
+        ante = prior + self.ante(query)
         scalars, pairs = token_features(answers, run)
         scalars = torch.cat([scalars, torch.tanh(ante.detach() / 4).unsqueeze(2)], 2)
         tokens = self.model_embedding + self.query(query).unsqueeze(1) + self.scalars(scalars) + self.pairs(pairs)
@@ -145,9 +146,9 @@ class QualityNet(nn.Module):
     def _wide(self, wide: torch.Tensor) -> torch.Tensor:
         return self.wide((wide - self.wide_mean) / self.wide_scale)
 
-    def shallow(self, wide: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def shallow(self, wide: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """The network's logits while its deep parts are still zero: prior plus the wide regression."""
-        return self.prior[source] + self._wide(wide)
+        return prior + self._wide(wide)
 
     def log_variance(self, hidden: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """Log variance (B, k) of the move of each estimate once all models run, from detached token states."""

@@ -37,6 +37,8 @@ class QualityData:
     answers: AnswerFeatures
     quality: torch.Tensor  # (n, k) float32 targets in [0, 1]
     source: torch.Tensor  # (n,) long source tag index, 0 = unknown
+    prior: torch.Tensor  # (n, k) prior logits (training rows: leave-one-out)
+    prior_blind: torch.Tensor  # (n, k) the same without the source tag (for source dropout)
     embedding: torch.Tensor | None = None  # (n, d)
     tokens: dict[str, torch.Tensor] | None = None  # input_ids, attention_mask (n, L)
 
@@ -44,6 +46,7 @@ class QualityData:
         rows = rows.cpu()
         out = {"answers": AnswerFeatures(*(getattr(self.answers, f)[rows].to(device) for f in AnswerFeatures.__dataclass_fields__))}
         out["source"] = self.source[rows].to(device)
+        out["prior"] = self.prior[rows].to(device)
         if self.embedding is not None:
             out["embedding"] = self.embedding[rows].to(device)
         else:
@@ -67,7 +70,7 @@ class LearnedModule(nn.Module):
 
     def forward(self, batch: dict, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(quality logits, token states) for a batch of rows with run sets `run`."""
-        return self.net(self.embed(batch), batch["answers"], run, batch["source"])
+        return self.net(self.embed(batch), batch["answers"], run, batch["prior"], batch["source"])
 
 
 @dataclass
@@ -105,9 +108,9 @@ def fit_shallow(net: QualityNet, data: QualityData, fit_rows: torch.Tensor, sett
     rows, run = sample_run_sets(len(fit_rows), k, settings.max_depth, 4, torch.Generator().manual_seed(settings.seed + 5))
     rows = fit_rows[rows]
     answers = AnswerFeatures(*(getattr(data.answers, f)[rows] for f in AnswerFeatures.__dataclass_fields__))
-    device = net.prior.device
+    device = net.readout.device
     wide = wide_features(answers, run).to(device)
-    source, target = data.source[rows].to(device), data.quality[rows].to(device)
+    prior, target = data.prior[rows].to(device), data.quality[rows].to(device)
     net.wide_mean.copy_(wide.mean(0))
     net.wide_scale.copy_(wide.std(0).clamp(min=1e-3))
     params = list(net.wide.parameters())
@@ -116,7 +119,7 @@ def fit_shallow(net: QualityNet, data: QualityData, fit_rows: torch.Tensor, sett
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = _loss(net.shallow(wide, source), target) + penalty * net.wide.weight.pow(2).sum()
+        loss = _loss(net.shallow(wide, prior), target) + penalty * net.wide.weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -178,8 +181,9 @@ def train_quality(
         total, count = 0.0, 0
         for batch_rows, batch_run in loader:
             batch = data.batch(batch_rows, device)
-            hide = torch.rand(len(batch_rows), generator=gen) < settings.source_dropout
-            batch["source"] = batch["source"].masked_fill(hide.to(device), 0)
+            hide = (torch.rand(len(batch_rows), generator=gen) < settings.source_dropout).to(device)
+            batch["source"] = batch["source"].masked_fill(hide, 0)
+            batch["prior"] = torch.where(hide.unsqueeze(1), data.prior_blind[batch_rows.cpu()].to(device), batch["prior"])
             with accelerator.autocast():
                 logits, _ = module(batch, batch_run)
             loss = _loss(logits, batch["quality"])
