@@ -69,7 +69,7 @@ def test_split(manifest: dict, data: str | None) -> RoutingTable:
         return load_table(config["test"], all_split="test", **kw)
     path = data or config["train"]
     path = bundled_dataset() if path in ("", BUNDLED) else path
-    return load_table(path, test_fraction=config["test_fraction"], **kw).test()
+    return load_table(path, split=config.get("split", "auto"), test_fraction=config["test_fraction"], **kw).test()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -44,6 +44,11 @@ class CalibrationConfig:
     lambda_log_range: float = 2.0  # per-step λ_t = scale · exp(u_t), u_t in [-range, range]
     threshold_range: float = 0.3  # per-step θ_t = scale + u_t, u_t in [-range, range]
     sigma_scales: tuple[float, ...] = (1.0,)  # Σ multipliers tried for the modes that use Σ; the best is kept
+    min_spend: float = 0.9  # a cheaper strategy replaces the budget-meeting one only if it spends ≥ this share
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_spend <= 1.0:
+            raise ValueError(f"min_spend must be in [0, 1] (a share of the budget), got {self.min_spend}")
 
 
 class _Family:
@@ -82,7 +87,9 @@ def calibrate(
 
     Usually that spends the budget exactly (γ mixes the two tie-breaks at the crossing); when spending
     less gives a higher quality (e.g. a cascade whose later models are worse), the cheapest of the best
-    strategies seen during the search is returned, with γ = 0. For the modes that use Σ, each of
+    strategies seen during the search that still spend `config.min_spend` of the budget is returned,
+    with γ = 0. The floor keeps the realized cost near the budget a user asked for (1.0: exactly the
+    budget; 0.0: any cheaper strategy). For the modes that use Σ, each of
     `config.sigma_scales` is calibrated and the best kept. `memo` (strategy → mean cost and quality)
     lets a budget sweep reuse simulations.
     """
@@ -122,7 +129,8 @@ def _calibrate_family(sim: Simulator, family: _Family, budget: float, config: Ca
         if shape != family.neutral:
             scale = _bisect(lambda s: measure(s, shape)[0], budget, family, config.bisect_iters)
     crossing = _with_gamma(sim, family, scale, shape, budget)
-    better = [f for f in feasible if f.quality > crossing.quality + 1e-9]
+    floor = config.min_spend * min(budget, crossing.cost)
+    better = [f for f in feasible if f.quality > crossing.quality + 1e-9 and f.cost >= floor]
     if not better:
         return crossing
     top = max(f.quality for f in better)

@@ -22,6 +22,7 @@ class DataConfig:
     """Which routing tables to train and test on."""
 
     train: str = ""  # table path; its split column (or a seeded split) gives the test rows unless `test` is set
+    split: str = "auto"  # "column", "seeded" (of query ids, by `seed`), or "auto": the column if it has both
     test: str | None = None
     models: list[str] | None = None
     missing: str = "drop"
@@ -40,6 +41,7 @@ class CalibrationSettings:
     bootstrap: int = 500
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     sigma_scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # Σ multipliers to calibrate
+    min_spend: float = 0.9  # share of a budget a fitted strategy spends at least on the calibration queries
 
 
 @dataclass
@@ -116,6 +118,11 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
     unknown = sorted(set(config.calibration.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"{path}: calibration.methods has unknown names {unknown}; choose from {list(METHODS)}")
+    if config.data.split not in ("auto", "column", "seeded"):
+        raise ValueError(f"{path}: data.split must be auto, column or seeded, got {config.data.split!r}")
+    if not 0.0 <= config.calibration.min_spend <= 1.0:
+        raise ValueError(f"{path}: calibration.min_spend is a share of the budget in [0, 1], "
+                         f"got {config.calibration.min_spend}")
     return config
 
 

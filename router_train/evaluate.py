@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=50, help="TPE trials for per-step multipliers (default 50)")
     p.add_argument("--sigma-scales", help="comma-separated Σ multipliers calibrated for cascade and cascade "
                    "routing (default: 1 for the noisy estimator, 0,0.5,1 for trained estimators)")
+    p.add_argument("--min-spend", type=float, default=0.9,
+                   help="a fitted strategy spends at least this share of its budget on the calibration queries "
+                   "(default 0.9; 1: exactly the budget)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the AUC intervals")
     p.add_argument("--split", default="auto", choices=["auto", "column", "seeded"],
                    help="train/test: the split column, a seeded split of query ids, or auto (column if it has both)")
@@ -250,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"error: --methods has unknown names {unknown}; choose from {list(METHODS)}")
+    if not 0.0 <= args.min_spend <= 1.0:
+        raise SystemExit(f"error: --min-spend is a share of the budget in [0, 1], got {args.min_spend}")
     out_dir = prepare_output_dir(args.out, overwrite=args.overwrite)
     train, test = load_split(args)
     if train.n == 0 or test.n == 0:
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         kernel=KernelConfig(n_samples=args.samples, seed=args.seed),
-        calibration=CalibrationConfig(n_trials=args.trials, seed=args.seed, sigma_scales=sigma_scales),
+        calibration=CalibrationConfig(n_trials=args.trials, seed=args.seed, sigma_scales=sigma_scales,
+                                      min_spend=args.min_spend),
     )
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     log(f"evaluating {len(methods)} methods: calibrating on {calibration.n} queries, testing on {test.n}, "

@@ -54,7 +54,7 @@ def load_tables(config: TrainConfig) -> tuple[RoutingTable, RoutingTable]:
         train = load_table(path, all_split="train", **kw)
         test = load_table(data.test, all_split="test", **kw).in_model_order(train.models)
         return train, test
-    table = load_table(path, test_fraction=data.test_fraction, **kw)
+    table = load_table(path, split=data.split, test_fraction=data.test_fraction, **kw)
     return table.train(), table.test()
 
 
@@ -161,7 +161,8 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
         n_bootstrap=cal.bootstrap,
         seed=config.seed,
         kernel=KernelConfig(n_samples=cal.samples, seed=config.seed),
-        calibration=CalibrationConfig(n_trials=cal.trials, seed=config.seed, sigma_scales=tuple(cal.sigma_scales)),
+        calibration=CalibrationConfig(n_trials=cal.trials, seed=config.seed, sigma_scales=tuple(cal.sigma_scales),
+                                      min_spend=cal.min_spend),
     )
     t0 = time.perf_counter()
     metrics = evaluate(calib_table, test, estimator, eval_config, log=log)

@@ -128,10 +128,20 @@ def test_calibration_prefers_quality_over_spending(setup):
     worse.quality = torch.zeros_like(worse.quality)
     worse.quality[:, 0] = 1.0  # the first model is always right, every later one always wrong
     sim = Simulator(worse, NoisyEstimator("low").fit(worse), kernel=KERNEL)
-    fit = calibrate(sim, "threshold_cascade", float(worse.cost.sum(1).mean()), max_depth=3,
-                    config=CalibrationConfig(n_trials=4))
+    budget = float(worse.cost.sum(1).mean())
+    fit = calibrate(sim, "threshold_cascade", budget, max_depth=3, config=CalibrationConfig(n_trials=4, min_spend=0.0))
     assert fit.quality == pytest.approx(float(worse.quality[:, 0].mean()))
     assert fit.cost == pytest.approx(float(worse.cost[:, 0].mean()))
+    # by default a fitted strategy still spends most of what the budget allows
+    spending = calibrate(sim, "threshold_cascade", budget, max_depth=3, config=CalibrationConfig(n_trials=4))
+    most = calibrate(sim, "threshold_cascade", budget, max_depth=3, config=CalibrationConfig(n_trials=4, min_spend=1.0))
+    assert spending.cost >= 0.9 * most.cost - 1e-12
+    assert spending.cost > fit.cost
+
+
+def test_min_spend_must_be_a_share():
+    with pytest.raises(ValueError, match="min_spend must be in \\[0, 1\\]"):
+        CalibrationConfig(min_spend=1.5)
 
 
 def test_calibrating_sigma_scales_keeps_the_best(setup):

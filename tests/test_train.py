@@ -79,6 +79,16 @@ def test_data_overrides_and_unknown_config_keys(tiny_recipe, tmp_path):
     bad.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="calibration.budgets must be int"):
         load_config(bad)
+    config["calibration"]["budgets"] = 3
+    for key, value, message in (("data", {"split": "random"}, "data.split must be auto, column or seeded"),
+                                ("calibration", {"min_spend": 2}, "calibration.min_spend is a share")):
+        bad.write_text(yaml.safe_dump({**config, key: {**config[key], **value}}))
+        with pytest.raises(ValueError, match=message):
+            load_config(bad)
+    seeded = load_config(path)
+    seeded.data.split, seeded.data.test_fraction = "seeded", 0.5
+    train, test = recipe.load_tables(seeded)
+    assert test.n == 80 and train.n == 80  # half of the 160 queries, not the split column's 30 %
 
     frame = random_frame(160, 4, seed=8)
     frame[frame.split == "train"].to_parquet(tmp_path / "train.parquet", index=False)
