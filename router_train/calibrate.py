@@ -44,7 +44,7 @@ class CalibrationConfig:
     lambda_log_range: float = 2.0  # per-step λ_t = scale · exp(u_t), u_t in [-range, range]
     threshold_range: float = 0.3  # per-step θ_t = scale + u_t, u_t in [-range, range]
     sigma_scales: tuple[float, ...] = (1.0,)  # Σ multipliers tried for the modes that use Σ; the best is kept
-    min_spend: float = 0.9  # a cheaper strategy replaces the budget-meeting one only if it spends ≥ this share
+    min_spend: float = 0.0  # a cheaper strategy replaces the budget-meeting one only if it spends ≥ this share
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_spend <= 1.0:

@@ -41,7 +41,7 @@ class CalibrationSettings:
     bootstrap: int = 500
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     sigma_scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # Σ multipliers to calibrate
-    min_spend: float = 0.9  # share of a budget a fitted strategy spends at least on the calibration queries
+    min_spend: float = 0.0  # share of a budget a fitted strategy spends at least on the calibration queries
 
 
 @dataclass

@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=50, help="TPE trials for per-step multipliers (default 50)")
     p.add_argument("--sigma-scales", help="comma-separated Σ multipliers calibrated for cascade and cascade "
                    "routing (default: 1 for the noisy estimator, 0,0.5,1 for trained estimators)")
-    p.add_argument("--min-spend", type=float, default=0.9,
-                   help="a fitted strategy spends at least this share of its budget on the calibration queries "
-                   "(default 0.9; 1: exactly the budget)")
+    p.add_argument("--min-spend", type=float, default=0.0,
+                   help="a cheaper strategy with a higher calibration quality replaces the budget-meeting one only "
+                   "if it spends at least this share of the budget (default 0: any; 1: spend exactly the budget)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the AUC intervals")
     p.add_argument("--split", default="auto", choices=["auto", "column", "seeded"],
                    help="train/test: the split column, a seeded split of query ids, or auto (column if it has both)")
