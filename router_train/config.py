@@ -15,6 +15,7 @@ import yaml
 from estimators.learned import LearnedConfig
 
 from .evaluate import METHODS
+from .table import SPLIT_MODES
 
 
 @dataclass
@@ -118,7 +119,7 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
     unknown = sorted(set(config.calibration.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"{path}: calibration.methods has unknown names {unknown}; choose from {list(METHODS)}")
-    if config.data.split not in ("auto", "column", "seeded"):
+    if config.data.split not in SPLIT_MODES:
         raise ValueError(f"{path}: data.split must be auto, column or seeded, got {config.data.split!r}")
     if not 0.0 <= config.calibration.min_spend <= 1.0:
         raise ValueError(f"{path}: calibration.min_spend is a share of the budget in [0, 1], "

@@ -35,7 +35,7 @@ from .metrics import (
 from .outputs import atomic_write_json, prepare_output_dir
 from .plotting import plot_curves
 from .simulate import Simulator
-from .table import RoutingTable, holdout
+from .table import SPLIT_MODES, RoutingTable, holdout
 
 ESTIMATORS = ("noisy", "logreg", "knn", "learned")
 METHODS = ("routing", "threshold_cascade", "cascade", "cascade_routing")
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a cheaper strategy with a higher calibration quality replaces the budget-meeting one only "
                    "if it spends at least this share of the budget (default 0: any; 1: spend exactly the budget)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the AUC intervals")
-    p.add_argument("--split", default="auto", choices=["auto", "column", "seeded"],
+    p.add_argument("--split", default="auto", choices=SPLIT_MODES,
                    help="train/test: the split column, a seeded split of query ids, or auto (column if it has both)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="test share of a seeded split")
     p.add_argument("--seed", type=int, default=0)
@@ -259,8 +259,6 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = load_split(args)
     if train.n == 0 or test.n == 0:
         raise SystemExit(f"error: need training and test queries, got {train.n} and {test.n}; check --data/--test-data")
-    if args.test_data:
-        test = test.in_model_order(train.models)
     if args.checkpoint and args.estimator != "learned":
         raise SystemExit("error: --checkpoint needs --estimator learned")
     default_scales = "1" if args.estimator == "noisy" else "0,0.5,1"

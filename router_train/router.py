@@ -64,6 +64,7 @@ class CascadeRouter:
         self.manifest = manifest
         self.path: Path | None = None  # the checkpoint directory when loaded from one
         self.models: list[str] = list(manifest["models"])
+        self._index = {m: j for j, m in enumerate(self.models)}
         self.max_depth = int(manifest["max_depth"])
         self.budgets = [float(b) for b in manifest["budgets"]]
         self.kernel = KernelConfig(
@@ -161,7 +162,6 @@ class CascadeRouter:
             raise ValueError(f"observed must have one list per query: {n} queries, got {got}")
         if sources is not None and (not isinstance(sources, (list, tuple)) or len(sources) != n):
             raise ValueError(f"sources must be None or one string per query ({n})")
-        index = {m: j for j, m in enumerate(self.models)}
         for i, seen in enumerate(observed):
             if not isinstance(seen, (list, tuple)):
                 raise ValueError(f"observed[{i}] must be a list of {{model, answer, ...}} objects")
@@ -174,7 +174,7 @@ class CascadeRouter:
                 if unknown:
                     raise ValueError(f"{where} has unknown field(s) {unknown}; allowed: {list(OBSERVATION_FIELDS)}")
                 model = item.get("model")
-                if model not in index:
+                if model not in self._index:
                     raise ValueError(f"{where}.model {model!r} is not in the checkpoint; models: {self.models}")
                 if model in names:
                     raise ValueError(f"observed[{i}]: model {model!r} is observed twice")
@@ -197,14 +197,13 @@ class CascadeRouter:
     def _table(self, queries: list[str], observed: list[list[dict]], sources) -> tuple[RoutingTable, torch.Tensor]:
         """The batch as a routing table of what is known (qualities unknown), and the run matrix."""
         n, k = len(queries), len(self.models)
-        index = {m: j for j, m in enumerate(self.models)}
         nan = torch.full((n, k), math.nan, dtype=torch.float64)
         confidence, tokens_out, cost = nan.clone(), nan.clone(), nan.clone()
         answers: list[list[str | None]] = [[None] * k for _ in range(n)]
         run = torch.zeros(n, k, dtype=torch.bool)
         for i, seen in enumerate(observed):
             for item in seen:
-                j = index[item["model"]]
+                j = self._index[item["model"]]
                 run[i, j] = True
                 answers[i][j] = item.get("answer")
                 if item.get("confidence") is not None:

@@ -28,7 +28,8 @@ REQUIRED_COLUMNS = ("query_id", "query", "model", "quality", "cost")
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 _CELL_COLUMNS = ("query_id", "model", "quality", "cost", "split", "answer", "confidence", "tokens_in", "tokens_out")
 _MISSING_MODES = ("error", "drop")
-_SPLIT_MODES = ("auto", "column", "seeded")
+SPLIT_MODES = ("auto", "column", "seeded")
+"""How `load_table` splits train/test: the `split` column, a seeded split of query ids, or the column if it has both."""
 _SPLITS = ("train", "test")
 NO_FINITE_CONFIDENCE = -100.0
 """Stand-in for `-inf` confidences of a model that has no finite confidence at all."""
@@ -177,8 +178,8 @@ def load_table(
     """
     if missing not in _MISSING_MODES:
         raise ValueError(f"missing must be one of {_MISSING_MODES}, got {missing!r}")
-    if split not in _SPLIT_MODES:
-        raise ValueError(f"split must be one of {_SPLIT_MODES}, got {split!r}")
+    if split not in SPLIT_MODES:
+        raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
     if all_split is not None and all_split not in _SPLITS:
         raise ValueError(f"all_split must be None, 'train' or 'test', got {all_split!r}")
     if not 0.0 < test_fraction < 1.0:
