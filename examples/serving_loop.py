@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from router_train import CascadeRouter
-from router_train.table import RoutingTable, load_table
-from router_train.train import BUNDLED, bundled_dataset
+from router_train.config import TrainConfig, from_dict
+from router_train.table import RoutingTable
+from router_train.train import load_tables
 
 
 def replay(
@@ -62,14 +63,11 @@ def _result(table: RoutingTable, i: int, j: int) -> dict:
 
 
 def test_split(manifest: dict, data: str | None) -> RoutingTable:
-    """The checkpoint's own test split (or that of `data`)."""
-    config = manifest["config"]["data"]
-    kw = dict(models=config["models"], missing=config["missing"], seed=manifest["config"]["seed"])
-    if data is None and config.get("test"):
-        return load_table(config["test"], all_split="test", **kw)
-    path = data or config["train"]
-    path = bundled_dataset() if path in ("", BUNDLED) else path
-    return load_table(path, split=config.get("split", "auto"), test_fraction=config["test_fraction"], **kw).test()
+    """The checkpoint's own test split (or, with `data`, that table's test split under the same recipe)."""
+    config = from_dict(TrainConfig, manifest["config"], where="manifest.config")
+    if data is not None:
+        config.data.train, config.data.test = data, None
+    return load_tables(config)[1]
 
 
 def main(argv: list[str] | None = None) -> dict:
