@@ -1,0 +1,57 @@
+"""benchmarks/estimator_signal.py on a tiny table: every estimator gets a row, and the test split is never read."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from factories import random_frame
+from tiny_models import tiny_encoder_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("signal")
+    config = {
+        "estimator": {
+            "encoder": {"name_or_path": str(tiny_encoder_dir(root / "encoder")), "max_length": 64},
+            "hidden": 16, "layers": 1, "heads": 2, "neighbors": 5,
+            "embedding_cache": str(root / "cache"),
+            "train": {"epochs": 1, "per_row": 1, "batch_size": 64, "variance_epochs": 1},
+        },
+    }
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def _run(root: Path, frame) -> dict:
+    frame.to_parquet(root / "table.parquet", index=False)
+    return _load("estimator_signal").main(
+        ["--data", str(root / "table.parquet"), "--config", str(root / "tiny.yaml"), "--neighbors", "0,5",
+         "--bootstrap", "20", "--max-depth", "2"]
+    )
+
+
+def test_estimator_signal_compares_every_estimator_on_training_rows_only(tiny_setup, capsys):
+    frame = random_frame(160, 4, seed=3)
+    rows = _run(tiny_setup, frame)
+    assert list(rows) == ["tag means", "neighbour prior K=5", "logreg", "knn", "learned"]
+    assert rows["logreg"]["vs_logreg"] == 0.0 and rows["logreg"]["vs_logreg_ci"] == (0.0, 0.0)
+    assert all(np.isfinite(r["auc"]) and 0 < r["log_loss"] and 0 <= r["centred_mse"] for r in rows.values())
+    assert "| learned |" in capsys.readouterr().out
+
+    flipped = frame.copy()
+    test_rows = flipped["split"] == "test"
+    flipped.loc[test_rows, "quality"] = 1.0 - flipped.loc[test_rows, "quality"]
+    again = _run(tiny_setup, flipped)
+    assert {n: r["auc"] for n, r in again.items()} == {n: r["auc"] for n, r in rows.items()}
