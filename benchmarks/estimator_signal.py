@@ -20,12 +20,12 @@ import time
 import numpy as np
 import torch
 
+from estimators.encoder import CachedEmbedder
 from estimators.knn import KNNEstimator
 from estimators.learned import LearnedConfig, LearnedEstimator
 from estimators.logreg import LogRegEstimator
 from estimators.neighbors import NeighborPrior
 from router_train.config import load_config
-from router_train.evaluate import CachedEmbedder
 from router_train.metrics import auc, auc_bounds, single_model_points, upper_hull
 from router_train.table import SPLIT_MODES, holdout, load_table
 
@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         estimates[name] = (prior.probabilities(embed_held, src_held), 0.0)
     others = {
         "logreg": lambda: LogRegEstimator(max_depth=args.max_depth, seed=args.seed).fit(fit),
-        "knn": lambda: KNNEstimator(CachedEmbedder(learned.encoder, config.embedding_cache or ".cache/embeddings"),
-                                    seed=args.seed).fit(fit),
+        "knn": lambda: KNNEstimator(
+            CachedEmbedder(learned.encoder, config.embedding_cache) if config.embedding_cache else learned.encoder,
+            seed=args.seed,
+        ).fit(fit),
     }
     for name, build in others.items():
         start = time.perf_counter()

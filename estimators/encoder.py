@@ -249,6 +249,19 @@ class EmbeddingCache:
         return embeddings
 
 
+
+class CachedEmbedder:
+    """An `Embedder` whose embeddings go through an `EmbeddingCache` (e.g. for the kNN baseline)."""
+
+    def __init__(self, encoder: Embedder, directory: str | os.PathLike) -> None:
+        self.encoder, self.cache = encoder, EmbeddingCache(directory)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.cache.get(self.encoder, texts, progress=True)
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
+
 def _load(name_or_path: str, revision: str | None) -> tuple[object, torch.nn.Module, Path, str | None]:
     """Tokenizer, model, the folder their files are in and the hub commit (None for a local folder)."""
     if name_or_path == DEFAULT_MODEL:

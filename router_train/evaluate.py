@@ -180,21 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class CachedEmbedder:
-    """An encoder whose embeddings go through the on-disk cache (used by the kNN baseline)."""
-
-    def __init__(self, encoder, directory: str = ".cache/embeddings") -> None:
-        from estimators.encoder import EmbeddingCache
-
-        self.encoder, self.cache = encoder, EmbeddingCache(directory)
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        return self.cache.get(self.encoder, texts, progress=True)
-
-    def identity(self) -> dict:
-        return self.encoder.identity()
-
-
 def load_split(args) -> tuple[RoutingTable, RoutingTable]:
     """Training and test tables from --data / --test-data."""
     from .table import load_table
@@ -217,7 +202,7 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Routin
     estimators are fitted on the training queries minus a held-back share, on which λ is calibrated.
     """
     from estimators import NoisyEstimator
-    from estimators.encoder import TextEncoder
+    from estimators.encoder import CachedEmbedder, TextEncoder
     from estimators.knn import KNNEstimator
     from estimators.learned import LearnedConfig, LearnedEstimator
     from estimators.logreg import LogRegEstimator
@@ -240,7 +225,8 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Routin
         config.encoder.name_or_path = args.encoder
     if args.estimator == "knn":
         encoder = TextEncoder(config.encoder)
-        return KNNEstimator(CachedEmbedder(encoder), seed=args.seed).fit(fit_rows), calibration
+        embedder = CachedEmbedder(encoder, config.embedding_cache) if config.embedding_cache else encoder
+        return KNNEstimator(embedder, seed=args.seed).fit(fit_rows), calibration
     return LearnedEstimator(config).fit(fit_rows, progress=True), calibration
 
 
