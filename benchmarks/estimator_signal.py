@@ -8,7 +8,8 @@ argmax_j q̂_j − λ ĉ_j for a sweep of λ; the AUC of the resulting curve (λ
 calibration noise) measures how well the estimates rank the models per query. Also printed: log-loss,
 the MSE of per-query centred qualities (q̂_j − mean_j q̂ against the same for the truth: the part of the
 estimate routing uses), and a paired bootstrap interval of each AUC's difference from `logreg`.
-Estimators: the source-tag means alone, the neighbour prior at several K, `logreg`, `knn`, `learned`.
+Estimators: the source-tag means alone, the neighbour prior at several K, `logreg`, `knn`, `learned`;
+the priors and `knn` use the learned estimator's encoder (fine-tuned, when the recipe fine-tunes).
 The test split is never read.
 """
 
@@ -20,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from estimators import QualityEstimator
 from estimators.encoder import CachedEmbedder
 from estimators.knn import KNNEstimator
 from estimators.learned import LearnedConfig, LearnedEstimator
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
+    try:
+        neighbor_counts = [int(x) for x in args.neighbors.split(",")]
+    except ValueError:
+        p.error(f"--neighbors takes comma-separated integers, got {args.neighbors!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     table = load_table(args.data, split=args.split, test_fraction=args.test_fraction, missing=args.missing, seed=args.seed)
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     config: LearnedConfig = load_config(args.config).estimator
     print(f"{args.data}: estimators fit on {fit.n} training queries, scored on {held.n} held-back ones, {fit.k} models")
 
-    estimates: dict[str, tuple[torch.Tensor, float]] = {}
+    estimates: dict[str, tuple[torch.Tensor | QualityEstimator, float]] = {}
     learned = LearnedEstimator(config)
     start = time.perf_counter()
     learned.fit(fit, progress=True)
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     )
     embed_fit, embed_held = learned.embed(list(fit.queries)), learned.embed(list(held.queries))
     src_fit, src_held = learned.source_index(fit.sources), learned.source_index(held.sources)
-    for n_neighbors in (int(x) for x in args.neighbors.split(",")):
+    for n_neighbors in neighbor_counts:
         prior = NeighborPrior(n_neighbors, config.neighbor_shrink).fit(
             embed_fit, fit.quality.float(), src_fit, len(learned.sources)
         )

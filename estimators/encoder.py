@@ -249,7 +249,6 @@ class EmbeddingCache:
         return embeddings
 
 
-
 class CachedEmbedder:
     """An `Embedder` whose embeddings go through an `EmbeddingCache` (e.g. for the kNN baseline)."""
 
@@ -261,6 +260,7 @@ class CachedEmbedder:
 
     def identity(self) -> dict:
         return self.encoder.identity()
+
 
 def _load(name_or_path: str, revision: str | None) -> tuple[object, torch.nn.Module, Path, str | None]:
     """Tokenizer, model, the folder their files are in and the hub commit (None for a local folder)."""
