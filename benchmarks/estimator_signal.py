@@ -21,7 +21,6 @@ import time
 import numpy as np
 import torch
 
-from estimators import QualityEstimator
 from estimators.encoder import CachedEmbedder
 from estimators.knn import KNNEstimator
 from estimators.learned import LearnedConfig, LearnedEstimator
@@ -73,23 +72,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     config: LearnedConfig = load_config(args.config).estimator
     print(f"{args.data}: estimators fit on {fit.n} training queries, scored on {held.n} held-back ones, {fit.k} models")
 
-    estimates: dict[str, tuple[torch.Tensor | QualityEstimator, float]] = {}
+    rows, none_run = torch.arange(held.n), torch.zeros(held.n, held.k, dtype=torch.bool)
     learned = LearnedEstimator(config)
     start = time.perf_counter()
     learned.fit(fit, progress=True)
     learned_s = time.perf_counter() - start
-    cost = learned.cost_model.predict(
-        {n[5:]: t for n, t in learned.featurize(held).items() if n.startswith("cost.")},
-        torch.arange(held.n), torch.zeros(held.n, held.k, dtype=torch.bool),
-    )
-    embed_fit, embed_held = learned.embed(list(fit.queries)), learned.embed(list(held.queries))
-    src_fit, src_held = learned.source_index(fit.sources), learned.source_index(held.sources)
+    held_features = learned.featurize(held)
+    learned_estimate = learned.predict(held_features, rows, none_run)
+    estimates: dict[str, tuple[torch.Tensor, float]] = {}  # ex-ante quality estimates (held.n, k), fit seconds
+    embed_fit, src_fit = learned.embed(list(fit.queries)), learned.source_index(fit.sources)
     for n_neighbors in neighbor_counts:
         prior = NeighborPrior(n_neighbors, config.neighbor_shrink).fit(
             embed_fit, fit.quality.float(), src_fit, len(learned.sources)
         )
         name = "tag means" if n_neighbors == 0 else f"neighbour prior K={n_neighbors}"
-        estimates[name] = (prior.probabilities(embed_held, src_held), 0.0)
+        estimates[name] = (prior.probabilities(held_features["embedding"], held_features["source"]), 0.0)
     others = {
         "logreg": lambda: LogRegEstimator(max_depth=args.max_depth, seed=args.seed).fit(fit),
         "knn": lambda: KNNEstimator(
@@ -100,18 +97,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for name, build in others.items():
         start = time.perf_counter()
         est = build()
-        estimates[name] = (est, time.perf_counter() - start)
-    estimates["learned"] = (learned, learned_s)
+        seconds = time.perf_counter() - start
+        estimates[name] = (est.predict(est.featurize(held), rows, none_run).quality, seconds)
+    estimates["learned"] = (learned_estimate.quality, learned_s)
 
-    rows, none_run = torch.arange(held.n), torch.zeros(held.n, held.k, dtype=torch.bool)
     quality, true_cost = held.quality.double().numpy(), held.cost.double().numpy()
+    cost = learned_estimate.cost.double().numpy()  # the same cost model in every estimator
     results = {}
-    for name, (est, seconds) in estimates.items():
-        q_hat = est if isinstance(est, torch.Tensor) else est.predict(est.featurize(held), rows, none_run).quality
+    for name, (q_hat, seconds) in estimates.items():
         q_hat = q_hat.double().numpy()
         log_loss = -np.mean(quality * np.log(np.clip(q_hat, 1e-4, 1)) + (1 - quality) * np.log(np.clip(1 - q_hat, 1e-4, 1)))
         centred = np.mean(((q_hat - q_hat.mean(1, keepdims=True)) - (quality - quality.mean(1, keepdims=True))) ** 2)
-        results[name] = (routing_choices(q_hat, cost.double().numpy()), log_loss, centred, seconds)
+        results[name] = (routing_choices(q_hat, cost), log_loss, centred, seconds)
 
     gen = np.random.default_rng(args.seed)
     samples = [gen.integers(0, held.n, held.n) for _ in range(args.bootstrap)]
@@ -130,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         fit_s = f"{seconds:.1f}" if seconds else "–"
         print(f"| {name} | {value:.2f} | {value - base:+.2f} [{lo:+.2f}, {hi:+.2f}] | {log_loss:.4f} | {centred:.5f} | {fit_s} |")
     return table_rows
+
 
 if __name__ == "__main__":
     main()
