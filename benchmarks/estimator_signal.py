@@ -8,20 +8,23 @@ argmax_j q̂_j − λ ĉ_j for a sweep of λ; the AUC of the resulting curve (λ
 calibration noise) measures how well the estimates rank the models per query. Also printed: log-loss,
 the MSE of per-query centred qualities (q̂_j − mean_j q̂ against the same for the truth: the part of the
 estimate routing uses), and a paired bootstrap interval of each AUC's difference from `logreg`.
-Estimators: the source-tag means alone, the neighbour prior at several K, `logreg`, `knn`, `learned`;
-the priors and `knn` use the learned estimator's encoder (fine-tuned, when the recipe fine-tunes).
+Estimators: the source-tag means alone, the neighbour prior at several K, `logreg`, `knn`, `learned`
+(with `--learned-seeds N`: also the learned estimator trained at seeds 1..N−1 and the mean of the N
+seeds' estimates, a deep ensemble); the priors and `knn` use the learned estimator's encoder
+(fine-tuned, when the recipe fine-tunes).
 The test split is never read.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
-from estimators.encoder import CachedEmbedder
+from estimators.encoder import cached
 from estimators.knn import KNNEstimator
 from estimators.learned import LearnedConfig, LearnedEstimator
 from estimators.logreg import LogRegEstimator
@@ -59,12 +62,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--neighbors", default="0,30,100", help="K of the neighbour priors to compare (0: tag means)")
     p.add_argument("--bootstrap", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learned-seeds", type=int, default=1, help="N > 1: also learned at N training seeds and their mean")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     try:
         neighbor_counts = [int(x) for x in args.neighbors.split(",")]
     except ValueError:
         p.error(f"--neighbors takes comma-separated integers, got {args.neighbors!r}")
+    if args.learned_seeds < 1:
+        p.error(f"--learned-seeds must be >= 1, got {args.learned_seeds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     table = load_table(args.data, split=args.split, test_fraction=args.test_fraction, missing=args.missing, seed=args.seed)
@@ -89,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         estimates[name] = (prior.probabilities(held_features["embedding"], held_features["source"]), 0.0)
     others = {
         "logreg": lambda: LogRegEstimator(max_depth=args.max_depth, seed=args.seed).fit(fit),
-        "knn": lambda: KNNEstimator(
-            CachedEmbedder(learned.encoder, config.embedding_cache) if config.embedding_cache else learned.encoder,
-            seed=args.seed,
-        ).fit(fit),
+        "knn": lambda: KNNEstimator(cached(learned.encoder, config.embedding_cache), seed=args.seed).fit(fit),
     }
     for name, build in others.items():
         start = time.perf_counter()
@@ -100,6 +103,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         seconds = time.perf_counter() - start
         estimates[name] = (est.predict(est.featurize(held), rows, none_run).quality, seconds)
     estimates["learned"] = (learned_estimate.quality, learned_s)
+    if args.learned_seeds > 1:
+        seeds = [config.train.seed + s for s in range(args.learned_seeds)]
+        for seed in seeds[1:]:
+            other = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+            start = time.perf_counter()
+            est = LearnedEstimator(other, encoder=learned.encoder).fit(fit)
+            seconds = time.perf_counter() - start
+            estimates[f"learned seed {seed}"] = (est.predict(est.featurize(held), rows, none_run).quality, seconds)
+        members = [estimates["learned"][0]] + [estimates[f"learned seed {seed}"][0] for seed in seeds[1:]]
+        estimates[f"learned, mean of {len(seeds)} seeds"] = (torch.stack(members).mean(0), 0.0)
 
     quality, true_cost = held.quality.double().numpy(), held.cost.double().numpy()
     cost = learned_estimate.cost.double().numpy()  # the same cost model in every estimator

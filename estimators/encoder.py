@@ -252,14 +252,19 @@ class EmbeddingCache:
 class CachedEmbedder:
     """An `Embedder` whose embeddings go through an `EmbeddingCache` (e.g. for the kNN baseline)."""
 
-    def __init__(self, encoder: Embedder, directory: str | os.PathLike) -> None:
-        self.encoder, self.cache = encoder, EmbeddingCache(directory)
+    def __init__(self, encoder: Embedder, directory: str | os.PathLike, progress: bool = True) -> None:
+        self.encoder, self.cache, self.progress = encoder, EmbeddingCache(directory), progress
 
     def encode(self, texts: list[str]) -> torch.Tensor:
-        return self.cache.get(self.encoder, texts, progress=True)
+        return self.cache.get(self.encoder, texts, progress=self.progress)
 
     def identity(self) -> dict:
         return self.encoder.identity()
+
+
+def cached(encoder: Embedder, directory: str | os.PathLike | None, progress: bool = True) -> Embedder:
+    """`encoder` behind an on-disk embedding cache in `directory`; `encoder` itself when it is None/empty."""
+    return CachedEmbedder(encoder, directory, progress) if directory else encoder
 
 
 def _load(name_or_path: str, revision: str | None) -> tuple[object, torch.nn.Module, Path, str | None]:

@@ -28,7 +28,7 @@ from router_train.table import RoutingTable
 
 from .base import Embedder, Estimate, Features, QualityEstimator
 from .cost import CostModel
-from .encoder import EmbeddingCache, EncoderConfig, LoraSettings, TextEncoder
+from .encoder import EncoderConfig, LoraSettings, TextEncoder, cached
 from .features import AnswerFeatures, answer_features
 from .neighbors import NeighborPrior
 from .network import NetConfig, QualityNet
@@ -86,10 +86,7 @@ class LearnedEstimator(QualityEstimator):
 
     def embed(self, texts: list[str], progress: bool = False) -> torch.Tensor:
         """Embeddings of query texts, from the on-disk cache when configured."""
-        encoder = self._encoder()
-        if self.config.embedding_cache:
-            return EmbeddingCache(self.config.embedding_cache).get(encoder, texts, progress=progress)
-        return encoder.encode(texts)
+        return cached(self._encoder(), self.config.embedding_cache, progress).encode(texts)
 
     def featurize(
         self, table: RoutingTable, progress: bool = False, embeddings: torch.Tensor | None = None

@@ -202,7 +202,7 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Routin
     estimators are fitted on the training queries minus a held-back share, on which λ is calibrated.
     """
     from estimators import NoisyEstimator
-    from estimators.encoder import CachedEmbedder, TextEncoder
+    from estimators.encoder import TextEncoder, cached
     from estimators.knn import KNNEstimator
     from estimators.learned import LearnedConfig, LearnedEstimator
     from estimators.logreg import LogRegEstimator
@@ -224,8 +224,7 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Routin
     if args.encoder:
         config.encoder.name_or_path = args.encoder
     if args.estimator == "knn":
-        encoder = TextEncoder(config.encoder)
-        embedder = CachedEmbedder(encoder, config.embedding_cache) if config.embedding_cache else encoder
+        embedder = cached(TextEncoder(config.encoder), config.embedding_cache)
         return KNNEstimator(embedder, seed=args.seed).fit(fit_rows), calibration
     return LearnedEstimator(config).fit(fit_rows, progress=True), calibration
 

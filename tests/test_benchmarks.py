@@ -34,11 +34,11 @@ def tiny_setup(tmp_path_factory):
     return root
 
 
-def _run(root: Path, frame) -> dict:
+def _run(root: Path, frame, *extra: str) -> dict:
     frame.to_parquet(root / "table.parquet", index=False)
     return _load("estimator_signal").main(
         ["--data", str(root / "table.parquet"), "--config", str(root / "tiny.yaml"), "--neighbors", "0,5",
-         "--bootstrap", "20", "--max-depth", "2"]
+         "--bootstrap", "20", "--max-depth", "2", *extra]
     )
 
 
@@ -55,3 +55,13 @@ def test_estimator_signal_compares_every_estimator_on_training_rows_only(tiny_se
     flipped.loc[test_rows, "quality"] = 1.0 - flipped.loc[test_rows, "quality"]
     again = _run(tiny_setup, flipped)
     assert {n: r["auc"] for n, r in again.items()} == {n: r["auc"] for n, r in rows.items()}
+
+
+def test_estimator_signal_scores_learned_seeds_and_their_ensemble(tiny_setup):
+    rows = _run(tiny_setup, random_frame(160, 4, seed=3), "--learned-seeds", "2")
+    assert list(rows)[-3:] == ["learned", "learned seed 1", "learned, mean of 2 seeds"]
+    members = [rows["learned"]["log_loss"], rows["learned seed 1"]["log_loss"]]
+    assert members[0] != members[1]  # another seed, another network
+    assert rows["learned, mean of 2 seeds"]["log_loss"] <= np.mean(members) + 1e-12  # log-loss is convex in q̂
+    with pytest.raises(SystemExit):
+        _run(tiny_setup, random_frame(160, 4, seed=3), "--learned-seeds", "0")

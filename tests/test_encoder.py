@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_encoder_dir
 
-from estimators.encoder import EmbeddingCache, EncoderConfig, LoraSettings, TextEncoder
+from estimators.encoder import EmbeddingCache, EncoderConfig, LoraSettings, TextEncoder, cached
 
 TEXTS = [
     "what is the capital of france",
@@ -125,6 +125,15 @@ def test_cache_hit_does_not_encode_and_returns_identical_tensors(tiny_dir: Path,
     other = CountingEmbedder(tiny(tiny_dir, normalize=False))
     cache.get(other, TEXTS)
     assert other.calls == 1
+
+
+def test_cached_encodes_once_per_text_list_and_passes_through_without_a_directory(tiny_dir: Path, tmp_path: Path) -> None:
+    embedder = CountingEmbedder(tiny(tiny_dir))
+    assert cached(embedder, None) is embedder and cached(embedder, "") is embedder
+    wrapped = cached(embedder, tmp_path / "cache", progress=False)
+    first, second = wrapped.encode(TEXTS), wrapped.encode(TEXTS)
+    assert embedder.calls == 1 and torch.equal(first, second)
+    assert wrapped.identity() == embedder.identity()
 
 
 @pytest.mark.parametrize(
