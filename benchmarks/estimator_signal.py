@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         for seed in seeds[1:]:
             other = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
             start = time.perf_counter()
-            est = LearnedEstimator(other, encoder=learned.encoder).fit(fit)
+            shared = None if config.finetune else learned.encoder  # a fine-tuned encoder is the seed's own
+            est = LearnedEstimator(other, encoder=shared).fit(fit)
             seconds = time.perf_counter() - start
             estimates[f"learned seed {seed}"] = (est.predict(est.featurize(held), rows, none_run).quality, seconds)
         members = [estimates["learned"][0]] + [estimates[f"learned seed {seed}"][0] for seed in seeds[1:]]
