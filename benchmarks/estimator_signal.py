@@ -93,27 +93,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         )
         name = "tag means" if n_neighbors == 0 else f"neighbour prior K={n_neighbors}"
         estimates[name] = (prior.probabilities(held_features["embedding"], held_features["source"]), 0.0)
+
+    def ex_ante(build) -> tuple[torch.Tensor, float]:
+        """Fit an estimator with `build()`: its ex-ante estimates of the held-back queries, and the fit seconds."""
+        start = time.perf_counter()
+        est = build()
+        seconds = time.perf_counter() - start
+        return est.predict(est.featurize(held), rows, none_run).quality, seconds
+
     others = {
         "logreg": lambda: LogRegEstimator(max_depth=args.max_depth, seed=args.seed).fit(fit),
         "knn": lambda: KNNEstimator(cached(learned.encoder, config.embedding_cache), seed=args.seed).fit(fit),
     }
     for name, build in others.items():
-        start = time.perf_counter()
-        est = build()
-        seconds = time.perf_counter() - start
-        estimates[name] = (est.predict(est.featurize(held), rows, none_run).quality, seconds)
+        estimates[name] = ex_ante(build)
     estimates["learned"] = (learned_estimate.quality, learned_s)
-    if args.learned_seeds > 1:
-        seeds = [config.train.seed + s for s in range(args.learned_seeds)]
-        for seed in seeds[1:]:
-            other = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
-            start = time.perf_counter()
-            shared = None if config.finetune else learned.encoder  # a fine-tuned encoder is the seed's own
-            est = LearnedEstimator(other, encoder=shared).fit(fit)
-            seconds = time.perf_counter() - start
-            estimates[f"learned seed {seed}"] = (est.predict(est.featurize(held), rows, none_run).quality, seconds)
-        members = [estimates["learned"][0]] + [estimates[f"learned seed {seed}"][0] for seed in seeds[1:]]
-        estimates[f"learned, mean of {len(seeds)} seeds"] = (torch.stack(members).mean(0), 0.0)
+    seeds = range(config.train.seed + 1, config.train.seed + args.learned_seeds)
+    shared = None if config.finetune else learned.encoder  # a fine-tuned encoder is each seed's own
+    for seed in seeds:
+        other = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+        estimates[f"learned seed {seed}"] = ex_ante(lambda: LearnedEstimator(other, encoder=shared).fit(fit))
+    if seeds:
+        members = [estimates["learned"][0], *(estimates[f"learned seed {seed}"][0] for seed in seeds)]
+        estimates[f"learned, mean of {len(members)} seeds"] = (torch.stack(members).mean(0), 0.0)
 
     quality, true_cost = held.quality.double().numpy(), held.cost.double().numpy()
     cost = learned_estimate.cost.double().numpy()  # the same cost model in every estimator
