@@ -2,13 +2,14 @@
 
 - Ex-ante (nothing run): a prior read off the most similar training queries (same source tag when
   known) corrected by an MLP on the query embedding; post-hoc: the same network given the run models'
-  answers (confidence, length, agreement), through a transformer over model tokens and a wide
-  regression on the reference's hand features. One forward pass estimates all k models.
+  answers (confidence calibrated per model and source, length, agreement), through a transformer over
+  model tokens and a wide regression on post-hoc features. One forward pass estimates all k models.
 - Two modes: a frozen encoder with embeddings computed once and cached (fast on CPU), or LoRA
   fine-tuning of the encoder through peft (GPU).
-- Σ: a variance head predicts how far each estimate moves once every model has run; on held-back rows
-  its scale is calibrated so that intervals q̂ ± z·σ cover that move at the stated rate, and residual
-  correlations per run-set size give the off-diagonal terms.
+- Σ: a variance head predicts how far each estimate moves when its model runs next (a transition the
+  router can make below the depth cap); on held-back rows its scale is calibrated so that intervals
+  q̂ ± z·σ cover that move at the stated rate, and correlations of the moves per run-set size give the
+  off-diagonal terms.
 - Saved as `estimator.safetensors` (all tensors) + `estimator.json` (config), like a peft adapter.
 """
 
@@ -27,15 +28,18 @@ from router_train.outputs import atomic_write_bytes, atomic_write_json
 from router_train.table import RoutingTable
 
 from .base import Embedder, Estimate, Features, QualityEstimator
+from .confidence import ConfidenceCalibrator
 from .cost import CostModel
 from .encoder import EncoderConfig, LoraSettings, TextEncoder, cached
 from .features import AnswerFeatures, answer_features
 from .neighbors import NeighborPrior
 from .network import NetConfig, QualityNet
-from .training import LearnedModule, Logger, QualityData, TrainSettings, residuals, train_quality, train_variance
+from .training import (
+    LearnedModule, Logger, QualityData, TrainSettings, below_cap, residuals, train_quality, train_variance,
+)
 
 FORMAT = "router-train-learned"
-VERSION = 1
+VERSION = 2
 _ANSWER_FIELDS = tuple(AnswerFeatures.__dataclass_fields__)
 
 
@@ -74,6 +78,7 @@ class LearnedEstimator(QualityEstimator):
         self.net: QualityNet | None = None
         self.cost_model = CostModel()
         self.neighbors = NeighborPrior(0 if config.finetune else config.neighbors, config.neighbor_shrink)
+        self.calibrator = ConfidenceCalibrator()
         self.scale = 1.0
         self.correlation = torch.ones(1, 1, 1)
         self.history: list[dict] = []
@@ -98,6 +103,7 @@ class LearnedEstimator(QualityEstimator):
         features["embedding"] = self.embed(list(table.queries), progress) if embeddings is None else embeddings
         features["source"] = self.source_index(table.sources)
         features["prior"] = self.neighbors.logits(features["embedding"], features["source"])
+        features["calibrated"] = self.calibrator.transform(answers.confidence, answers.has_confidence, features["source"])
         features.update({f"cost.{n}": t for n, t in self.cost_model.featurize(table).items()})
         return features
 
@@ -125,6 +131,9 @@ class LearnedEstimator(QualityEstimator):
         encoder = self._encoder()
         embedding = self.embed(list(table.queries), progress)  # (before any fine-tuning) for the prior
         self.neighbors.fit(embedding[fit_rows], quality[fit_rows], source[fit_rows], len(self.sources))
+        self.calibrator.fit(answers.confidence[fit_rows], answers.has_confidence[fit_rows], quality[fit_rows],
+                            source[fit_rows], len(self.sources))
+        calibrated = self.calibrator.transform(answers.confidence, answers.has_confidence, source)
         itself = torch.full((table.n,), -1, dtype=torch.long)
         itself[fit_rows] = torch.arange(len(fit_rows))  # a training query is not its own neighbour
         blind = torch.zeros_like(source)
@@ -133,10 +142,10 @@ class LearnedEstimator(QualityEstimator):
             if getattr(encoder, "lora", None) is None:
                 encoder.enable_lora(cfg.encoder.lora or LoraSettings())
             tokens = {name: t.cpu() for name, t in encoder.tokenize(list(table.queries)).items()}
-            data = QualityData(answers, quality, source, *priors, tokens=tokens)
+            data = QualityData(answers, quality, source, *priors, calibrated, tokens=tokens)
             tuned = encoder
         else:
-            data = QualityData(answers, quality, source, *priors, embedding=embedding)
+            data = QualityData(answers, quality, source, *priors, calibrated, embedding=embedding)
             tuned = None
         self.net = QualityNet(
             NetConfig(embedding.shape[1], table.k, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout,
@@ -151,15 +160,15 @@ class LearnedEstimator(QualityEstimator):
         return self
 
     def _calibrate(self, module: LearnedModule, data: QualityData, val_rows: torch.Tensor) -> None:
-        """Scale σ so that q̂ ± zσ covers the move to the full-information estimate at the stated rate,
-        and estimate residual correlations per run-set size, on held-back rows."""
+        """Scale σ so that q̂ ± zσ covers the one-step move of each estimate at the stated rate, and estimate
+        the moves' correlations per run-set size, on held-back rows."""
         from .run_sets import sample_run_sets
 
         settings = self.config.train
         k = len(self.models)
         rows, run = sample_run_sets(len(val_rows), k, settings.max_depth, 2,
                                     torch.Generator().manual_seed(settings.seed + 40_000))
-        rows = val_rows[rows]
+        rows, run = below_cap(val_rows[rows], run, settings.max_depth)
         resid, hidden = residuals(module, data, rows, run, settings.batch_size, torch.device("cpu"))
         with torch.no_grad():
             sigma = module.net.log_variance(hidden, run).mul(0.5).exp()
@@ -184,7 +193,8 @@ class LearnedEstimator(QualityEstimator):
         self.net.eval()
         source = features["source"][rows].to(device)
         prior = features["prior"][rows].to(device)
-        logits, hidden = self.net(features["embedding"][rows].to(device), answers, run_d, prior, source)
+        calibrated = features["calibrated"][rows].to(device)
+        logits, hidden = self.net(features["embedding"][rows].to(device), answers, run_d, prior, calibrated, source)
         quality = torch.sigmoid(logits).double().cpu()
         sigma = self.net.log_variance(hidden, run_d).mul(0.5).exp().double().cpu() * self.scale
         sigma = sigma.masked_fill(run, 0.0)
@@ -204,6 +214,7 @@ class LearnedEstimator(QualityEstimator):
         tensors["calibration.correlation"] = self.correlation.contiguous()
         tensors.update({f"cost.{n}": t.contiguous() for n, t in self.cost_model.state_dict().items()})
         tensors.update({f"neighbors.{n}": t.contiguous() for n, t in self.neighbors.state_dict().items()})
+        tensors.update({f"calibrator.{n}": t.contiguous() for n, t in self.calibrator.state_dict().items()})
         encoder = self._encoder()
         if self.config.finetune:
             tensors.update({f"lora.{n}": t.detach().cpu().contiguous() for n, t in encoder.lora_state_dict().items()})
@@ -255,6 +266,9 @@ class LearnedEstimator(QualityEstimator):
             raise ValueError(f"{weights_path}: calibration.correlation has shape {tuple(est.correlation.shape)}, expected (T, {k}, {k})")
         est.neighbors.load_state_dict(
             {n: _take(tensors, f"neighbors.{n}", weights_path) for n in ("bank", "quality", "source", "source_mean")}
+        )
+        est.calibrator.load_state_dict(
+            {n: _take(tensors, f"calibrator.{n}", weights_path) for n in ("mean", "std", "weight", "bias")}
         )
         est.cost_model = CostModel.from_config(meta["cost"]).load_state_dict(
             {n[5:]: t for n, t in tensors.items() if n.startswith("cost.")}

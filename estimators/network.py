@@ -1,15 +1,17 @@
 """The learned estimator's network: an ex-ante MLP plus one transformer over model tokens that corrects
 it with whatever the run models answered, for every run set.
 
-`logit_i = prior_i + ante_i(query) + post_i(tokens)`. The prior (an input, see `neighbors.py`) is each
-model's quality on the most similar training queries; the ex-ante MLP corrects it from the query
-embedding (and the source tag when one is known). Each of the k models is a token: a learned model embedding, the projected query,
-its ex-ante logit, and what is known about its answer when it has run (confidence, length, agreement
-with the other run models' answers), zeros otherwise; attention lets a model that has not run read the
-answers of those that have. A per-model readout of the token (for models not run) and a "wide"
-per-model logistic regression on the reference's hand features (every run model's confidence,
-entropy and length, pairwise agreement) give the correction; a second head (trained after) gives the log
-variance of how far each estimate will move once every model has run.
+`logit_i = prior_i + ante_i(query) + post_i(tokens) + wide_i(answers)`. The prior (an input, see
+`neighbors.py`) is each model's quality on the most similar training queries; the ex-ante MLP corrects
+it from the query embedding (and the source tag when one is known). Each of the k models is a token: a
+learned model embedding, the projected query, its ex-ante logit, and what is known about its answer
+when it has run (calibrated confidence, length, agreement with the other run models' answers), zeros
+otherwise; attention lets a model that has not run read the answers of those that have (`layers: 0`
+keeps the tokens without attention). A per-model readout of the token (for models not run) and a
+"wide" per-model logistic regression on post-hoc features (every run model's calibrated confidence,
+agreement share, their product and the agreement share per source tag; pairwise agreement) give the
+correction; a second head (trained after) gives the log variance of how far each estimate moves when
+the router runs one more model.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ class NetConfig:
     n_sources: int = 0  # source tags seen in training (index 0 = unknown)
 
 
-def token_features(answers: AnswerFeatures, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-model scalar features (B, k, 8) and pairwise agreement rows (B, k, 2k), zero for models not run."""
+def token_features(
+    answers: AnswerFeatures, run: torch.Tensor, calibrated: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-model scalar features (B, k, 8) and pairwise agreement rows (B, k, 2k), zero for models not run;
+    `calibrated` (B, k) holds each answer's calibrated log-odds of being right (see `confidence.py`)."""
     r = run.float()
     pair = r.unsqueeze(2) * r.unsqueeze(1)
     t = r.sum(1, keepdim=True)
@@ -51,7 +56,7 @@ def token_features(answers: AnswerFeatures, run: torch.Tensor) -> tuple[torch.Te
             r,
             r * answers.has_confidence,
             r * conf.exp() * answers.has_confidence,
-            r * (conf / 5.0).clamp(min=-4.0),
+            r * (calibrated / 4.0).clamp(-4.0, 4.0),
             r * answers.length / 5.0,
             (agree.sum(2) - r) / others,
             (overlap.sum(2) - r) / others,
@@ -62,25 +67,35 @@ def token_features(answers: AnswerFeatures, run: torch.Tensor) -> tuple[torch.Te
     return scalars, torch.cat([agree, overlap], dim=2)
 
 
-def wide_features(answers: AnswerFeatures, run: torch.Tensor) -> torch.Tensor:
-    """The reference's hand features as one flat vector (B, 6k + k(k-1)): per run model its confidence,
-    top-class probability and entropy, answer length; per pair of run models their agreement and word
-    overlap. Zero for models not run."""
+def wide_size(k: int, n_sources: int) -> int:
+    """Length of `wide_features` for k models and n_sources known source tags."""
+    return 7 * k + k * (n_sources + 1) + k * (k - 1)
+
+
+def wide_features(
+    answers: AnswerFeatures, run: torch.Tensor, calibrated: torch.Tensor, source: torch.Tensor, n_sources: int
+) -> torch.Tensor:
+    """Post-hoc features as one flat vector (B, wide_size): per run model its run flag, calibrated
+    confidence logit, agreement share with the other run models, their product, the number agreeing,
+    answer presence and length, and the agreement share per source tag (what agreeing means depends on
+    the task: 4 options or free text); per pair of run models their agreement and word overlap.
+    Zero for models not run."""
     r = run.float()
-    conf = answers.confidence * answers.has_confidence
-    q = conf.exp().clamp(1e-6, 1 - 1e-6)
-    p = q * answers.has_confidence
-    entropy = -(q * q.log() + (1 - q) * (1 - q).log()) * answers.has_confidence
-    per_model = torch.cat(
-        [r, r * answers.has_confidence, r * p, r * entropy, r * answers.length / 5.0, r * (conf / 5.0).clamp(min=-4.0)],
-        dim=1,
-    )
     k = run.shape[1]
+    pair = r.unsqueeze(2) * r.unsqueeze(1)
+    agreeing = (answers.agree * pair).sum(2) - r * answers.has_answer  # other run models agreeing
+    share = agreeing / (r.sum(1, keepdim=True) - 1).clamp(min=1)
+    cal = r * calibrated
+    per_model = torch.cat(
+        [r, cal, share, share * cal, agreeing / k, r * answers.has_answer, r * answers.length / 5.0], dim=1
+    )
+    tag = torch.nn.functional.one_hot(source.clamp(0, n_sources), n_sources + 1).to(share.dtype)
+    by_source = (share.unsqueeze(2) * tag.unsqueeze(1)).flatten(1)
     upper = torch.triu_indices(k, k, offset=1, device=run.device)
-    pair = r[:, upper[0]] * r[:, upper[1]]
-    agree = answers.agree[:, upper[0], upper[1]] * pair
-    overlap = answers.overlap[:, upper[0], upper[1]] * pair
-    return torch.cat([per_model, agree, overlap], dim=1)
+    both = r[:, upper[0]] * r[:, upper[1]]
+    agree = answers.agree[:, upper[0], upper[1]] * both
+    overlap = answers.overlap[:, upper[0], upper[1]] * both
+    return torch.cat([per_model, by_source, agree, overlap], dim=1)
 
 
 class QualityNet(nn.Module):
@@ -104,11 +119,11 @@ class QualityNet(nn.Module):
         layer = nn.TransformerEncoderLayer(
             h, config.heads, dim_feedforward=2 * h, dropout=config.dropout, batch_first=True, norm_first=True
         )
-        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False) if config.layers else None
         self.norm = nn.LayerNorm(h)
         self.readout = nn.Parameter(torch.zeros(k, h))  # per-model correction weights, start at no correction
         # the "wide" part: a per-model logistic regression on the reference's hand features
-        n_wide = 6 * k + k * (k - 1)
+        n_wide = wide_size(k, config.n_sources)
         self.wide = nn.Linear(n_wide, k)
         nn.init.zeros_(self.wide.weight)
         nn.init.zeros_(self.wide.bias)
@@ -117,11 +132,9 @@ class QualityNet(nn.Module):
         self.register_buffer("wide_scale", torch.ones(n_wide))
         self.variance_head = nn.Sequential(nn.Linear(h + 1, h), nn.GELU(), nn.Linear(h, 1))
 
-    def _query(self, embedding: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    def _query(self, embedding: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         if self.source is None:
             return embedding
-        if source is None:
-            source = torch.zeros(embedding.shape[0], dtype=torch.long, device=embedding.device)
         return torch.cat([embedding, self.source(source)], 1)
 
     def forward(
@@ -130,17 +143,22 @@ class QualityNet(nn.Module):
         answers: AnswerFeatures,
         run: torch.Tensor,
         prior: torch.Tensor,
+        calibrated: torch.Tensor,
         source: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(quality logits (B, k), token states (B, k, hidden)); `prior` (B, k) holds prior logits."""
+        """(quality logits (B, k), token states (B, k, hidden)); `prior` (B, k) holds prior logits,
+        `calibrated` (B, k) the answers' calibrated confidence logits, `source` (B,) tag indices (0 = unknown)."""
+        if source is None:
+            source = torch.zeros(embedding.shape[0], dtype=torch.long, device=embedding.device)
         query = self._query(embedding, source)
         ante = prior + self.ante(query)
-        scalars, pairs = token_features(answers, run)
+        scalars, pairs = token_features(answers, run, calibrated)
         scalars = torch.cat([scalars, torch.tanh(ante.detach() / 4).unsqueeze(2)], 2)
         tokens = self.model_embedding + self.query(query).unsqueeze(1) + self.scalars(scalars) + self.pairs(pairs)
-        hidden = self.norm(self.encoder(tokens))
-        # the transformer informs models not yet run; a run model's answer speaks through the wide part
-        correction = (hidden * self.readout).sum(2) * ~run + self._wide(wide_features(answers, run))
+        hidden = self.norm(self.encoder(tokens) if self.encoder is not None else tokens)
+        # the tokens inform models not yet run; a run model's answer speaks through the wide part
+        wide = wide_features(answers, run, calibrated, source, self.config.n_sources)
+        correction = (hidden * self.readout).sum(2) * ~run + self._wide(wide)
         return ante + correction, hidden
 
     def _wide(self, wide: torch.Tensor) -> torch.Tensor:
@@ -151,5 +169,5 @@ class QualityNet(nn.Module):
         return prior + self._wide(wide)
 
     def log_variance(self, hidden: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
-        """Log variance (B, k) of the move of each estimate once all models run, from detached token states."""
+        """Log variance (B, k) of the move of each estimate when its model runs next, from detached token states."""
         return self.variance_head(torch.cat([hidden.detach(), run.unsqueeze(2).float()], 2)).squeeze(2)

@@ -1,16 +1,18 @@
 """Training loops of the learned estimator, with accelerate: device placement, mixed precision,
 multi-GPU (`accelerate launch`), and resumable checkpoints.
 
-Stage 1 fits the quality head on sampled run sets (cascade prefixes and random subsets up to the
-depth cap), with early stopping on held-back rows. Stage 2 freezes it and fits the variance head on
-the residuals between each estimate and the full-information estimate (all models run).
+Stage 0 fits the wide regression on post-hoc features by L-BFGS (its L2 strength chosen on held-back
+rows). Stage 1 fits the deep parts on sampled run sets (cascade prefixes and random subsets up to the
+depth cap), with early stopping on held-back rows. Stage 2 freezes them and fits the variance head on
+the moves the router can make: how far each model's estimate moves when that model runs next, from
+states below the depth cap.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +41,7 @@ class QualityData:
     source: torch.Tensor  # (n,) long source tag index, 0 = unknown
     prior: torch.Tensor  # (n, k) prior logits (training rows: leave-one-out)
     prior_blind: torch.Tensor  # (n, k) the same without the source tag (for source dropout)
+    calibrated: torch.Tensor  # (n, k) calibrated confidence logits of the answers (see confidence.py)
     embedding: torch.Tensor | None = None  # (n, d)
     tokens: dict[str, torch.Tensor] | None = None  # input_ids, attention_mask (n, L)
 
@@ -47,6 +50,7 @@ class QualityData:
         out = {"answers": AnswerFeatures(*(getattr(self.answers, f)[rows].to(device) for f in AnswerFeatures.__dataclass_fields__))}
         out["source"] = self.source[rows].to(device)
         out["prior"] = self.prior[rows].to(device)
+        out["calibrated"] = self.calibrated[rows].to(device)
         if self.embedding is not None:
             out["embedding"] = self.embedding[rows].to(device)
         else:
@@ -70,7 +74,7 @@ class LearnedModule(nn.Module):
 
     def forward(self, batch: dict, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(quality logits, token states) for a batch of rows with run sets `run`."""
-        return self.net(self.embed(batch), batch["answers"], run, batch["prior"], batch["source"])
+        return self.net(self.embed(batch), batch["answers"], run, batch["prior"], batch["calibrated"], batch["source"])
 
 
 @dataclass
@@ -84,7 +88,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 4
-    shallow_c: float = 1.0  # inverse L2 strength of the stage-0 regression (sklearn's C)
+    shallow_c: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])  # stage-0 inverse L2 strengths tried
     source_dropout: float = 0.2  # share of training states whose source tag is hidden (serving may not know it)
     variance_epochs: int = 5
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
@@ -101,29 +105,46 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
 
 
-def fit_shallow(net: QualityNet, data: QualityData, fit_rows: torch.Tensor, settings: TrainSettings) -> None:
+def fit_shallow(
+    net: QualityNet, data: QualityData, fit_rows: torch.Tensor, val_rows: torch.Tensor, settings: TrainSettings
+) -> float:
     """Stage 0: fit the wide regression (the deep parts are still zero) to convergence by L-BFGS, like the
-    reference's logistic regressions, so that training starts from a strong, well-fitted model."""
+    reference's logistic regressions, for each L2 strength of `settings.shallow_c`; keep the one with the
+    lowest loss on the held-back rows' states. Returns the chosen C."""
     k = data.quality.shape[1]
-    rows, run = sample_run_sets(len(fit_rows), k, settings.max_depth, 4, torch.Generator().manual_seed(settings.seed + 5))
-    rows = fit_rows[rows]
-    answers = AnswerFeatures(*(getattr(data.answers, f)[rows] for f in AnswerFeatures.__dataclass_fields__))
     device = net.readout.device
-    wide = wide_features(answers, run).to(device)
-    prior, target = data.prior[rows].to(device), data.quality[rows].to(device)
+
+    def design(rows: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, run = sample_run_sets(len(rows), k, settings.max_depth, 4, torch.Generator().manual_seed(seed))
+        rows = rows[index]
+        answers = AnswerFeatures(*(getattr(data.answers, f)[rows] for f in AnswerFeatures.__dataclass_fields__))
+        wide = wide_features(answers, run, data.calibrated[rows], data.source[rows], net.config.n_sources)
+        return wide.to(device), data.prior[rows].to(device), data.quality[rows].to(device)
+
+    wide, prior, target = design(fit_rows, settings.seed + 5)
+    val_wide, val_prior, val_target = design(val_rows, settings.seed + 6)
     net.wide_mean.copy_(wide.mean(0))
     net.wide_scale.copy_(wide.std(0).clamp(min=1e-3))
-    params = list(net.wide.parameters())
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-    penalty = 0.5 / (settings.shallow_c * len(fit_rows))
+    best = (math.inf, None, None)
+    for c in settings.shallow_c:
+        nn.init.zeros_(net.wide.weight)
+        nn.init.zeros_(net.wide.bias)
+        optimizer = torch.optim.LBFGS(list(net.wide.parameters()), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+        penalty = 0.5 / (c * len(fit_rows))
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = _loss(net.shallow(wide, prior), target) + penalty * net.wide.weight.pow(2).sum()
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = _loss(net.shallow(wide, prior), target) + penalty * net.wide.weight.pow(2).sum()
+            loss.backward()
+            return loss
 
-    optimizer.step(closure)
+        optimizer.step(closure)
+        with torch.no_grad():
+            val = float(_loss(net.shallow(val_wide, val_prior), val_target))
+        if val < best[0]:
+            best = (val, c, {n: p.detach().clone() for n, p in net.wide.state_dict().items()})
+    net.wide.load_state_dict(best[2])
+    return best[1]
 
 
 def train_quality(
@@ -145,7 +166,7 @@ def train_quality(
     k = data.quality.shape[1]
     resuming = state_dir is not None and (state_dir / "progress.json").exists()
     if not resuming:
-        fit_shallow(module.net, data, fit_rows, settings)
+        fit_shallow(module.net, data, fit_rows, val_rows, settings)
     module.net.wide.requires_grad_(False)  # stage 0 fitted it to convergence; the deep parts learn the rest
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -233,29 +254,45 @@ def evaluate_loss(module, data: QualityData, rows, run, batch_size: int, acceler
 def residuals(
     module: LearnedModule, data: QualityData, rows: torch.Tensor, run: torch.Tensor, batch_size: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(full-information estimate − estimate with `run`, token states) for each (row, run set) state."""
+    """(moves, token states) for each (row, run set) state: move j = the estimate of model j once j has run
+    (run ∪ {j}) − its estimate now; 0 for models already run. These are the transitions a router makes."""
     module.eval()
     out_r, out_h = [], []
-    full = torch.ones(1, data.quality.shape[1], dtype=torch.bool, device=device)
+    k = data.quality.shape[1]
     for start in range(0, len(rows), batch_size):
         sl = slice(start, start + batch_size)
         batch = data.batch(rows[sl], device)
         r = run[sl].to(device)
         logits, hidden = module(batch, r)
-        full_logits, _ = module(batch, full.expand_as(r))
-        out_r.append((torch.sigmoid(full_logits) - torch.sigmoid(logits)).float().cpu())
+        now = torch.sigmoid(logits.float())
+        moves = torch.zeros_like(now)
+        for j in range(k):
+            todo = ~r[:, j]
+            if not bool(todo.any()):
+                continue
+            after = r.clone()
+            after[:, j] = True
+            logits_j, _ = module(batch, after)
+            moves[:, j] = torch.where(todo, torch.sigmoid(logits_j[:, j].float()) - now[:, j], 0.0)
+        out_r.append(moves.cpu())
         out_h.append(hidden.float().cpu())
     return torch.cat(out_r), torch.cat(out_h)
+
+
+def below_cap(rows: torch.Tensor, run: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states from which the router can still run a model (fewer than `max_depth` run)."""
+    keep = run.sum(1) < max_depth
+    return rows[keep], run[keep]
 
 
 def train_variance(
     module: LearnedModule, data: QualityData, fit_rows: torch.Tensor, settings: TrainSettings, log: Logger | None = None
 ) -> None:
-    """Stage 2: fit the variance head by Gaussian likelihood of the residuals of models not yet run."""
+    """Stage 2: fit the variance head by Gaussian likelihood of the moves of models not yet run."""
     device = next(module.parameters()).device
     k = data.quality.shape[1]
     rows, run = _states(len(fit_rows), k, settings, settings.seed + 20_000)
-    rows = fit_rows[rows]
+    rows, run = below_cap(fit_rows[rows], run, settings.max_depth)
     resid, hidden = residuals(module, data, rows, run, settings.batch_size, device)
     head = module.net.variance_head
     optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)

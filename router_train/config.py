@@ -34,7 +34,7 @@ class DataConfig:
 class CalibrationSettings:
     """Budget calibration and evaluation of the exported strategies."""
 
-    holdout: float = 0.25  # share of training queries kept from the estimator to calibrate λ/γ on
+    folds: int = 5  # λ/γ are calibrated on out-of-fold estimates of all training queries (cross-fitting)
     max_depth: int = 3
     budgets: int = 20
     trials: int = 30
@@ -121,6 +121,8 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         raise ValueError(f"{path}: calibration.methods has unknown names {unknown}; choose from {list(METHODS)}")
     if config.data.split not in SPLIT_MODES:
         raise ValueError(f"{path}: data.split must be auto, column or seeded, got {config.data.split!r}")
+    if config.calibration.folds < 2:
+        raise ValueError(f"{path}: calibration.folds must be at least 2, got {config.calibration.folds}")
     if not 0.0 <= config.calibration.min_spend <= 1.0:
         raise ValueError(f"{path}: calibration.min_spend is a share of the budget in [0, 1], "
                          f"got {config.calibration.min_spend}")

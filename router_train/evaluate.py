@@ -35,7 +35,7 @@ from .metrics import (
 from .outputs import atomic_write_json, prepare_output_dir
 from .plotting import plot_curves
 from .simulate import Simulator
-from .table import SPLIT_MODES, RoutingTable, holdout
+from .table import SPLIT_MODES, RoutingTable
 
 ESTIMATORS = ("noisy", "logreg", "knn", "learned")
 METHODS = ("routing", "threshold_cascade", "cascade", "cascade_routing")
@@ -86,14 +86,20 @@ def evaluate(
     estimator: QualityEstimator,
     config: EvaluationConfig = EvaluationConfig(),
     log=print,
+    *,
+    calibration_estimator: QualityEstimator | None = None,
 ) -> dict:
-    """Calibrate every method on `train` with a fitted `estimator`, score on `test`; returns metrics.json's dict."""
+    """Calibrate every method on `train` with a fitted `estimator`, score on `test`; returns metrics.json's dict.
+
+    `calibration_estimator` (default: `estimator`) gives the estimates λ/γ are calibrated on, e.g. the
+    out-of-fold estimates of a `CrossFitted` estimator of `train`.
+    """
     if train.models != test.models:
         raise ValueError(f"train and test tables have different models: {train.models} vs {test.models}")
     config.max_depth = min(config.max_depth, train.k)
     train_points = single_model_points(train.quality, train.cost)
     budgets = budget_grid(train_points[:, 0], train_points[:, 1], config.n_budgets)
-    train_sim = Simulator(train, estimator, kernel=config.kernel)
+    train_sim = Simulator(train, calibration_estimator or estimator, kernel=config.kernel)
     test_sim = Simulator(test, estimator, kernel=config.kernel)
     results: dict[str, MethodResult] = {}
     for mode in config.methods:
@@ -154,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="--estimator learned: a trained export (checkpoints/<run>) instead of training")
     p.add_argument("--config", help="knn, learned: YAML recipe whose `estimator` section (encoder, network) to use")
     p.add_argument("--encoder", help="text encoder (local folder or hub id) for knn and learned; default all-MiniLM-L6-v2")
-    p.add_argument("--holdout", type=float, default=0.25,
-                   help="share of training queries kept from trained estimators (logreg, knn, learned) to calibrate on")
+    p.add_argument("--folds", type=int, default=5,
+                   help="trained estimators (logreg, knn, learned): λ/γ are calibrated on out-of-fold estimates of "
+                   "all training queries from this many folds; the tested estimator is fitted on all of them")
     p.add_argument("--models", help="comma-separated model names to keep (default: all)")
     p.add_argument("--missing", default="error", choices=["error", "drop"], help="queries lacking some model's row")
     p.add_argument("--max-depth", type=int, default=4, help="most models run per query (default 4)")
@@ -195,38 +202,44 @@ def load_split(args) -> tuple[RoutingTable, RoutingTable]:
     return table.train(), table.test()
 
 
-def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, RoutingTable]:
-    """The fitted estimator named by the CLI and the table to calibrate λ on.
+def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, QualityEstimator]:
+    """The fitted estimator named by the CLI, and the one whose estimates of `train` λ is calibrated on.
 
-    The simulated estimator is fitted and calibrated on all training queries, as in the paper; trained
-    estimators are fitted on the training queries minus a held-back share, on which λ is calibrated.
+    The simulated estimator is fitted and calibrated on all training queries, as in the paper; so is a
+    trained checkpoint. Estimators trained here are fitted on all training queries, and calibrated on
+    out-of-fold estimates (cross-fitting, `--folds`), so that calibration never sees in-sample estimates.
     """
     from estimators import NoisyEstimator
+    from estimators.crossfit import CrossFitted
     from estimators.encoder import TextEncoder, cached
     from estimators.knn import KNNEstimator
     from estimators.learned import LearnedConfig, LearnedEstimator
     from estimators.logreg import LogRegEstimator
 
     if args.estimator == "noisy":
-        return NoisyEstimator(args.noise, seed=args.seed).fit(train), train
+        estimator = NoisyEstimator(args.noise, seed=args.seed).fit(train)
+        return estimator, estimator
     if args.estimator == "learned" and args.checkpoint:
         estimator = LearnedEstimator.load(args.checkpoint)
-        return estimator, train.in_model_order(estimator.models)
-    fit_rows, calibration = holdout(train, args.holdout, args.seed)
+        return estimator, estimator
     if args.estimator == "logreg":
-        return LogRegEstimator(max_depth=args.max_depth, seed=args.seed).fit(fit_rows), calibration
-    if args.config:
-        from .config import load_config
-
-        config = load_config(args.config).estimator
+        build = lambda: LogRegEstimator(max_depth=args.max_depth, seed=args.seed)  # noqa: E731
     else:
-        config = LearnedConfig()
-    if args.encoder:
-        config.encoder.name_or_path = args.encoder
-    if args.estimator == "knn":
-        embedder = cached(TextEncoder(config.encoder), config.embedding_cache)
-        return KNNEstimator(embedder, seed=args.seed).fit(fit_rows), calibration
-    return LearnedEstimator(config).fit(fit_rows, progress=True), calibration
+        if args.config:
+            from .config import load_config
+
+            config = load_config(args.config).estimator
+        else:
+            config = LearnedConfig()
+        if args.encoder:
+            config.encoder.name_or_path = args.encoder
+        if args.estimator == "knn":
+            embedder = cached(TextEncoder(config.encoder), config.embedding_cache)
+            build = lambda: KNNEstimator(embedder, seed=args.seed)  # noqa: E731
+        else:
+            encoder = TextEncoder(config.encoder) if not config.finetune else None  # frozen: one shared encoder
+            build = lambda: LearnedEstimator(config, encoder)  # noqa: E731
+    return build().fit(train), CrossFitted(build, args.folds, args.seed).fit(train)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -251,8 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
         sigma_scales = tuple(float(x) for x in (args.sigma_scales or default_scales).split(","))
     except ValueError:
         raise SystemExit(f"error: --sigma-scales must be comma-separated numbers, got {args.sigma_scales!r}") from None
-    estimator, calibration = build_estimator(args, train)
-    test = test.in_model_order(estimator.models)
+    if args.folds < 2:
+        raise SystemExit(f"error: --folds must be at least 2, got {args.folds}")
+    estimator, calibration_estimator = build_estimator(args, train)
+    train, test = train.in_model_order(estimator.models), test.in_model_order(estimator.models)
     config = EvaluationConfig(
         max_depth=args.max_depth,
         n_budgets=args.budgets,
@@ -265,9 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
                                       min_spend=args.min_spend),
     )
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    log(f"evaluating {len(methods)} methods: calibrating on {calibration.n} queries, testing on {test.n}, "
+    log(f"evaluating {len(methods)} methods: calibrating on {train.n} queries, testing on {test.n}, "
         f"{train.k} models, estimator {args.estimator}")
-    metrics = evaluate(calibration, test, estimator, config, log=log)
+    metrics = evaluate(train, test, estimator, config, log=log, calibration_estimator=calibration_estimator)
     metrics["estimator"] = {"name": args.estimator}
     if args.estimator == "noisy":
         metrics["estimator"]["noise"] = args.noise

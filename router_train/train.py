@@ -3,10 +3,10 @@
     python -m router_train.train --config configs/default.yaml [--train-data TABLE --test-data TABLE]
         [--run-name NAME] [--overwrite]
 
-Steps: load the tables; hold back a share of the training queries for budget calibration; embed the
-queries (cached); train the learned estimator with accelerate (resumable: re-running after an
-interruption continues from the last epoch); fit Σ; calibrate λ/γ for every method over a budget sweep
-on the held-back queries; evaluate on the test split; export `checkpoints/<run>/` with
+Steps: load the tables; embed the queries (cached); train the learned estimator on all training
+queries with accelerate (resumable: re-running after an interruption continues from the last epoch)
+and fit Σ; train K more on K − 1 folds each (cross-fitting) and calibrate λ/γ for every method over a
+budget sweep on their out-of-fold estimates of the training queries; evaluate on the test split; export `checkpoints/<run>/` with
 `estimator.safetensors`, `estimator.json`, `manifest.json`, `metrics.json` and `curves.png`.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from estimators.crossfit import CrossFitted
 from estimators.learned import LearnedEstimator
 
 from . import __version__
@@ -34,7 +35,7 @@ from .config import TrainConfig, load_config, to_dict
 from .evaluate import EvaluationConfig, evaluate, write_report
 from .kernel import KernelConfig
 from .outputs import atomic_write_json
-from .table import RoutingTable, holdout, load_table
+from .table import RoutingTable, load_table
 
 BUNDLED = "bundled"
 """`data.train: bundled` names the default dataset shipped in the package (router_train/data)."""
@@ -136,9 +137,9 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
     (state / "fingerprint").write_text(fingerprint)
 
     train, test = load_tables(config)
-    fit_table, calib_table = holdout(train, config.calibration.holdout, config.seed)
-    log(f"data: {fit_table.n} queries to train the estimator, {calib_table.n} to calibrate, {test.n} to test, "
-        f"{train.k} models")
+    folds = config.calibration.folds
+    log(f"data: {train.n} queries to train the estimator and calibrate on ({folds}-fold cross-fitting), "
+        f"{test.n} to test, {train.k} models")
     wandb_run = start_wandb(config, out)  # logs go to <output_dir>/wandb and outlive the run's state
     logger = (lambda record: wandb_run.log(record)) if wandb_run is not None else None
 
@@ -150,8 +151,12 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
 
     estimator = LearnedEstimator(config.estimator)
     t0 = time.perf_counter()
-    estimator.fit(fit_table, state_dir=state / "train", log=log_epoch, progress=True)
+    estimator.fit(train, state_dir=state / "train", log=log_epoch, progress=True)
     log(f"estimator trained in {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    shared = estimator.encoder if not config.estimator.finetune else None  # a frozen encoder serves every fold
+    out_of_fold = CrossFitted(lambda: LearnedEstimator(config.estimator, shared), folds, config.seed).fit(train)
+    log(f"{folds} out-of-fold estimators for calibration trained in {time.perf_counter() - t0:.1f}s")
 
     cal = config.calibration
     eval_config = EvaluationConfig(
@@ -165,7 +170,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
                                       min_spend=cal.min_spend),
     )
     t0 = time.perf_counter()
-    metrics = evaluate(calib_table, test, estimator, eval_config, log=log)
+    metrics = evaluate(train, test, estimator, eval_config, log=log, calibration_estimator=out_of_fold)
     log(f"calibrated and evaluated in {time.perf_counter() - t0:.1f}s")
     metrics["estimator"] = {"name": "learned", "history": estimator.history}
     metrics["wall_time_s"] = time.perf_counter() - start
@@ -176,8 +181,8 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
     work = out / f".{config.run_name}.export"
     shutil.rmtree(work, ignore_errors=True)
     estimator.save(work)
-    sizes = {"train": str(config.data.train or BUNDLED), "test": config.data.test, "n_estimator": fit_table.n,
-             "n_calibration": calib_table.n, "n_test": test.n}
+    sizes = {"train": str(config.data.train or BUNDLED), "test": config.data.test, "n_estimator": train.n,
+             "n_calibration": train.n, "calibration_folds": folds, "n_test": test.n}
     atomic_write_json(work / "manifest.json", manifest(config, estimator, metrics, sizes))
     write_report(metrics, work, title=f"{config.run_name} · learned estimator")
     export(run_dir, work, overwrite)
