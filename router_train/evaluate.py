@@ -34,13 +34,15 @@ from .metrics import (
 )
 from .outputs import atomic_write_json, prepare_output_dir
 from .plotting import plot_curves
+from .rules import RulesBaseline
 from .simulate import Simulator
 from .table import SPLIT_MODES, RoutingTable, holdout
 
 ESTIMATORS = ("noisy", "logreg", "knn", "learned")
 METHODS = ("routing", "threshold_cascade", "cascade", "cascade_routing")
-"""Calibrated methods; `linear` (hull of single models) and `oracle` (routing on the true qualities,
-calibrated on the test split: an upper bound) are always reported too."""
+"""Calibrated methods; `linear` (hull of single models), `oracle` (routing on the true qualities,
+calibrated on the test split: an upper bound) and `rules` (per-source policies fitted on the training
+queries, router_train/rules.py) are always reported too."""
 
 
 @dataclass
@@ -80,14 +82,26 @@ def run_method(
     return MethodResult([f.strategy for f in fits], cost, quality)
 
 
+def run_rules(train: RoutingTable, test: RoutingTable, budgets: np.ndarray) -> MethodResult:
+    """Fit the per-source rules on `train`, calibrate them at every budget and score each fit on `test`."""
+    rules = RulesBaseline().fit(train)
+    strategies = rules.calibrate(budgets)
+    return MethodResult(strategies, *rules.expected_sweep(test, strategies))
+
+
 def evaluate(
     train: RoutingTable,
     test: RoutingTable,
     estimator: QualityEstimator,
     config: EvaluationConfig = EvaluationConfig(),
     log=print,
+    rules_train: RoutingTable | None = None,
 ) -> dict:
-    """Calibrate every method on `train` with a fitted `estimator`, score on `test`; returns metrics.json's dict."""
+    """Calibrate every method on `train` with a fitted `estimator`, score on `test`; returns metrics.json's dict.
+
+    The `rules` baseline is fitted on `rules_train` (default `train`): pass all training queries when
+    `train` is only the share held back from a trained estimator.
+    """
     if train.models != test.models:
         raise ValueError(f"train and test tables have different models: {train.models} vs {test.models}")
     config.max_depth = min(config.max_depth, train.k)
@@ -103,6 +117,9 @@ def evaluate(
     truth = TruthEstimator().fit(test)
     oracle_sim = Simulator(test, truth, kernel=config.kernel)
     results["oracle"] = run_method(oracle_sim, oracle_sim, "routing", budgets, config)
+    start = time.perf_counter()
+    results["rules"] = run_rules(rules_train if rules_train is not None else train, test, budgets)
+    log(f"  rules: {len(budgets)} budgets calibrated and scored in {time.perf_counter() - start:.1f}s")
 
     test_points = single_model_points(test.quality, test.cost)
     bounds = auc_bounds(test_points)
@@ -116,7 +133,7 @@ def evaluate(
         n_resamples=config.n_bootstrap,
         seed=config.seed,
     )
-    order = ["linear", "oracle", *config.methods]
+    order = ["linear", "oracle", "rules", *config.methods]
     return {
         "auc": {name: aucs[name] for name in order},
         "auc_ci": {name: list(confidence_interval(samples[name])) for name in order},
@@ -126,7 +143,7 @@ def evaluate(
         "n_test": test.n,
         "budgets": [float(b) for b in budgets],
         "max_depth": config.max_depth,
-        "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in ["oracle", *config.methods]},
+        "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in ["oracle", "rules", *config.methods]},
         "single_models": {m: {"cost": float(c), "quality": float(q)} for m, (c, q) in zip(test.models, test_points)},
     }
 
@@ -267,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     log(f"evaluating {len(methods)} methods: calibrating on {calibration.n} queries, testing on {test.n}, "
         f"{train.k} models, estimator {args.estimator}")
-    metrics = evaluate(calibration, test, estimator, config, log=log)
+    metrics = evaluate(calibration, test, estimator, config, log=log, rules_train=train)
     metrics["estimator"] = {"name": args.estimator}
     if args.estimator == "noisy":
         metrics["estimator"]["noise"] = args.noise

@@ -165,7 +165,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
                                       min_spend=cal.min_spend),
     )
     t0 = time.perf_counter()
-    metrics = evaluate(calib_table, test, estimator, eval_config, log=log)
+    metrics = evaluate(calib_table, test, estimator, eval_config, log=log, rules_train=train)
     log(f"calibrated and evaluated in {time.perf_counter() - t0:.1f}s")
     metrics["estimator"] = {"name": "learned", "history": estimator.history}
     metrics["wall_time_s"] = time.perf_counter() - start
