@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ["linear", "oracle", "routing", "threshold_cascade", "cascade", "cascade_routing"]
+ORDER = ["linear", "oracle", "rules", "routing", "threshold_cascade", "cascade", "cascade_routing"]
 
 
 def main(paths: list[str]) -> None:

@@ -34,13 +34,15 @@ from .metrics import (
 )
 from .outputs import atomic_write_json, prepare_output_dir
 from .plotting import plot_curves
+from .rules import RulesBaseline
 from .simulate import Simulator
 from .table import SPLIT_MODES, RoutingTable
 
 ESTIMATORS = ("noisy", "logreg", "knn", "learned")
 METHODS = ("routing", "threshold_cascade", "cascade", "cascade_routing")
-"""Calibrated methods; `linear` (hull of single models) and `oracle` (routing on the true qualities,
-calibrated on the test split: an upper bound) are always reported too."""
+"""Calibrated methods; `linear` (hull of single models), `oracle` (routing on the true qualities,
+calibrated on the test split: an upper bound) and `rules` (per-source policies fitted on the training
+queries, router_train/rules.py) are always reported too."""
 
 
 @dataclass
@@ -80,6 +82,13 @@ def run_method(
     return MethodResult([f.strategy for f in fits], cost, quality)
 
 
+def run_rules(train: RoutingTable, test: RoutingTable, budgets: np.ndarray) -> MethodResult:
+    """Fit the per-source rules on `train`, calibrate them at every budget and score each fit on `test`."""
+    rules = RulesBaseline().fit(train)
+    strategies = rules.calibrate(budgets)
+    return MethodResult(strategies, *rules.expected_sweep(test, strategies))
+
+
 def evaluate(
     train: RoutingTable,
     test: RoutingTable,
@@ -109,6 +118,9 @@ def evaluate(
     truth = TruthEstimator().fit(test)
     oracle_sim = Simulator(test, truth, kernel=config.kernel)
     results["oracle"] = run_method(oracle_sim, oracle_sim, "routing", budgets, config)
+    start = time.perf_counter()
+    results["rules"] = run_rules(train, test, budgets)
+    log(f"  rules: {len(budgets)} budgets calibrated and scored in {time.perf_counter() - start:.1f}s")
 
     test_points = single_model_points(test.quality, test.cost)
     bounds = auc_bounds(test_points)
@@ -122,7 +134,7 @@ def evaluate(
         n_resamples=config.n_bootstrap,
         seed=config.seed,
     )
-    order = ["linear", "oracle", *config.methods]
+    order = ["linear", "oracle", "rules", *config.methods]
     return {
         "auc": {name: aucs[name] for name in order},
         "auc_ci": {name: list(confidence_interval(samples[name])) for name in order},
@@ -132,7 +144,7 @@ def evaluate(
         "n_test": test.n,
         "budgets": [float(b) for b in budgets],
         "max_depth": config.max_depth,
-        "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in ["oracle", *config.methods]},
+        "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in ["oracle", "rules", *config.methods]},
         "single_models": {m: {"cost": float(c), "quality": float(q)} for m, (c, q) in zip(test.models, test_points)},
     }
 

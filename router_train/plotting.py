@@ -11,6 +11,9 @@ from matplotlib.figure import Figure
 
 from .outputs import atomic_write_bytes
 
+BASELINES = ("linear", "oracle", "rules")
+"""Reference curves, drawn dashed so the calibrated methods stand out."""
+
 
 def plot_curves(
     curves: dict[str, np.ndarray],
@@ -23,7 +26,8 @@ def plot_curves(
 ) -> None:
     """Plot one (cost, quality) line per method and the single models as labelled points, to a PNG at `path`.
 
-    `curves`: name -> (m, 2) points (drawn sorted by cost); `aucs`: name -> AUC shown in the legend.
+    `curves`: name -> (m, 2) points (drawn sorted by cost, `BASELINES` dashed); `aucs`: name -> AUC shown in
+    the legend.
     The file is written atomically: to a temporary file in the same folder, then renamed over `path`.
     """
     if model_names is not None and (model_points is None or len(model_names) != len(model_points)):
@@ -35,7 +39,8 @@ def plot_curves(
         curve = np.asarray(curve, dtype=np.float64)
         curve = curve[np.argsort(curve[:, 0], kind="stable")]
         label = name if aucs is None or name not in aucs else f"{name} (AUC {aucs[name]:.2f})"
-        ax.plot(curve[:, 0], curve[:, 1], marker="o", markersize=3, label=label)
+        style = "--" if name in BASELINES else "-"
+        ax.plot(curve[:, 0], curve[:, 1], linestyle=style, marker="o", markersize=3, label=label)
     if model_points is not None:
         model_points = np.asarray(model_points, dtype=np.float64)
         ax.scatter(model_points[:, 0], model_points[:, 1], color="black", marker="x", zorder=3, label="single models")

@@ -1,6 +1,8 @@
-"""benchmarks/estimator_signal.py on a tiny table: every estimator gets a row, and the test split is never read."""
+"""Benchmark scripts on tiny tables: estimator_signal (every estimator gets a row, the test split is never read)
+and repeated_splits (its summary is the mean and paired differences of the per-run metrics)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,44 @@ def test_estimator_signal_scores_learned_seeds_and_their_ensemble(tiny_setup):
     assert rows["learned, mean of 2 seeds"]["log_loss"] <= np.mean(members) + 1e-12  # log-loss is convex in q̂
     with pytest.raises(SystemExit):
         _run(tiny_setup, random_frame(160, 4, seed=3), "--learned-seeds", "0")
+
+
+def test_repeated_splits_summarizes_the_per_run_metrics_and_resumes(tmp_path, monkeypatch):
+    random_frame(120, 4, seed=5).to_parquet(tmp_path / "table.parquet", index=False)
+    out = tmp_path / "repeats"
+    module = _load("repeated_splits")
+    args = ["--data", str(tmp_path / "table.parquet"), "--estimators", "noisy,logreg", "--repeats", "2",
+            "--test-fraction", "0.5", "--out", str(out), "--max-depth", "2", "--budgets", "4", "--trials", "3",
+            "--samples", "16", "--bootstrap", "20", "--methods", "routing,cascade_routing", "--threads", "1"]
+    summary = module.main(args)
+    runs = {(e, s): json.loads((out / f"{e}-{s}" / "metrics.json").read_text()) for e in ("noisy", "logreg")
+            for s in (0, 1)}
+    assert runs["noisy", 0]["auc"]["linear"] != runs["noisy", 1]["auc"]["linear"]  # two different splits
+    assert summary["methods"] == ["linear", "oracle", "rules", "routing", "cascade_routing"]
+    for (e, s), metrics in runs.items():
+        for m, value in metrics["auc"].items():
+            assert summary["auc"][e][m]["values"][s] == value
+    for e in ("noisy", "logreg"):
+        for m in summary["methods"]:
+            values = [runs[e, s]["auc"][m] for s in (0, 1)]
+            assert summary["auc"][e][m]["mean"] == pytest.approx(np.mean(values))
+            assert summary["auc"][e][m]["sd"] == pytest.approx(abs(values[0] - values[1]) / np.sqrt(2))
+    differences = {d["name"]: d for d in summary["differences"]}
+    assert list(differences) == ["noisy cascade_routing − rules", "noisy cascade_routing − routing",
+                                 "logreg cascade_routing − rules", "logreg cascade_routing − routing",
+                                 "cascade_routing: noisy − logreg"]
+    diff = [runs["noisy", s]["auc"]["cascade_routing"] - runs["logreg", s]["auc"]["cascade_routing"] for s in (0, 1)]
+    d = differences["cascade_routing: noisy − logreg"]
+    assert d["values"] == pytest.approx(diff) and d["mean"] == pytest.approx(np.mean(diff))
+    half = 12.7062 * np.std(diff, ddof=1) / np.sqrt(2)  # t quantile .975 with 1 degree of freedom
+    assert d["ci"] == pytest.approx([np.mean(diff) - half, np.mean(diff) + half], rel=1e-4, abs=1e-9)
+    assert "| cascade_routing: noisy − logreg |" in (out / "summary.md").read_text()
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+    def no_rerun(argv):
+        raise AssertionError(f"evaluate ran again: {argv}")
+
+    monkeypatch.setattr(module.evaluate, "main", no_rerun)
+    assert module.main(args) == summary
+    with pytest.raises(SystemExit):
+        module.main([*args, "--seed", "3"])

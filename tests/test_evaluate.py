@@ -9,6 +9,7 @@ from factories import random_frame
 
 from estimators import NoisyEstimator
 from router_train import evaluate as evaluate_cli
+from router_train.rules import RulesBaseline
 from router_train.table import load_table
 
 TINY = ["--budgets", "4", "--trials", "3", "--samples", "16", "--bootstrap", "50", "--max-depth", "3"]
@@ -25,13 +26,14 @@ def test_cli_writes_metrics_and_plot(table_path, tmp_path, capsys):
     out = tmp_path / "report"
     evaluate_cli.main(["--data", str(table_path), "--estimator", "noisy", "--noise", "low", "--out", str(out), *TINY])
     metrics = json.loads((out / "metrics.json").read_text())
-    names = {"linear", "oracle", "routing", "threshold_cascade", "cascade", "cascade_routing"}
+    names = {"linear", "oracle", "rules", "routing", "threshold_cascade", "cascade", "cascade_routing"}
     assert set(metrics["auc"]) == names and set(metrics["auc_ci"]) == names and set(metrics["curves"]) == names
     for name in names:
         lo, hi = metrics["auc_ci"][name]
         assert lo <= metrics["auc"][name] + 1e-9 and metrics["auc"][name] <= hi + 1e-9
         assert 0.0 <= metrics["auc"][name] <= 100.0
-    assert len(metrics["curves"]["routing"]) == 4
+    assert len(metrics["curves"]["routing"]) == 4 and len(metrics["curves"]["rules"]) == 4
+    assert [s["budget"] for s in metrics["strategies"]["rules"]] == metrics["budgets"]
     assert metrics["models"] == [f"model-{j}" for j in range(5)]
     assert (metrics["n_train"], metrics["n_test"]) == (84, 36)
     assert metrics["auc"]["oracle"] >= max(metrics["auc"][m] for m in names - {"oracle"}) - 1e-9
@@ -62,7 +64,7 @@ def test_cli_with_separate_test_data_and_model_subset(table_path, tmp_path):
     )
     assert metrics["models"] == ["model-0", "model-2", "model-4"]
     assert (metrics["n_train"], metrics["n_test"]) == (frame.train().n, frame.test().n)
-    assert set(metrics["auc"]) == {"linear", "oracle", "routing", "cascade_routing"}
+    assert set(metrics["auc"]) == {"linear", "oracle", "rules", "routing", "cascade_routing"}
 
 
 def test_cli_rejects_unknown_methods(table_path, tmp_path):
@@ -114,8 +116,11 @@ def test_cli_trains_other_estimators(table_path, tmp_path, estimator):
         args += ["--config", str(config)]
     metrics = evaluate_cli.main(args)
     assert metrics["estimator"]["name"] == estimator
-    assert metrics["n_train"] == 21  # the calibration share (25 %) of the 84 training queries
-    assert set(metrics["auc"]) == {"linear", "oracle", "routing", "cascade_routing"}
+    assert metrics["n_train"] == 84  # out-of-fold estimates of every training query are calibrated on
+    assert set(metrics["auc"]) == {"linear", "oracle", "rules", "routing", "cascade_routing"}
+    # the rules are fitted on all 84 training queries
+    rules = RulesBaseline().fit(load_table(table_path).train())
+    assert metrics["strategies"]["rules"] == [s.to_dict() for s in rules.calibrate(metrics["budgets"])]
 
 
 def test_cli_rejects_a_checkpoint_for_other_estimators(table_path, tmp_path):

@@ -1,0 +1,161 @@
+"""AUCs over N seeded query splits: mean ± sd per estimator and method, and paired differences with intervals.
+
+    python benchmarks/repeated_splits.py --data T.parquet --estimators learned,logreg --repeats 5 \\
+        --test-fraction 0.5 --max-depth 3 [--missing drop] [--config configs/default.yaml] [--threads 1] \\
+        --out runs/rlc-repeats
+
+For seed s in 0..N−1 and each estimator E it runs `python -m router_train.evaluate` (through its `main`,
+with an argv list) on the seeded split of seed s into DIR/E-s; options it does not know are passed
+through to evaluate. A run whose metrics.json exists is not repeated, so an interrupted sweep resumes
+(use a fresh DIR when changing those options).
+Printed and written to DIR/summary.md and DIR/summary.json: mean ± sd of every method's AUC per
+estimator (linear, oracle and rules included), and paired differences over the N splits with 95 %
+t-intervals: per estimator cascade_routing − rules and cascade_routing − routing, and the first
+estimator's cascade_routing minus each other's. A difference whose interval excludes 0 is not noise
+(at that level, on these splits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from router_train import evaluate
+from router_train.outputs import atomic_write_bytes, atomic_write_json
+
+OWN_OPTIONS = ("--data", "--test-data", "--estimator", "--estimators", "--repeats", "--split", "--test-fraction",
+               "--seed", "--out")
+"""Options this script sets (or, --test-data, excludes) for every run; passing them through to evaluate is refused."""
+LEVEL = 0.95
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile `p` (in (0.5, 1)) of Student's t with `df` degrees of freedom: bisection on its CDF, whose
+    density is integrated by Simpson's rule (self-contained, precise to ~1e-6 for the levels used here)."""
+    if not 0.5 < p < 1.0 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        t = np.linspace(0.0, x, 4001)
+        density = np.exp(log_norm - (df + 1) / 2 * np.log1p(t * t / df))
+        weights = np.ones_like(t)
+        weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+        return 0.5 + float(weights @ density) * (x / 4000) / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def paired(values: list[float]) -> dict:
+    """Mean, sample sd and the 95 % t-interval of the mean of N paired differences (N >= 2)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    half = t_quantile((1 + LEVEL) / 2, len(x) - 1) * sd / math.sqrt(len(x))
+    return {"mean": mean, "sd": sd, "ci": [mean - half, mean + half], "values": x.tolist()}
+
+
+def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[dict]]:
+    """metrics.json of every (estimator, seed), running evaluate for those not already on disk."""
+    out = Path(args.out)
+    runs: dict[str, list[dict]] = {e: [] for e in args.estimators}
+    for seed in range(args.repeats):
+        for estimator in args.estimators:
+            run_dir = out / f"{estimator}-{seed}"
+            path = run_dir / "metrics.json"
+            if path.exists():
+                print(f"{run_dir.name}: done before, reading {path}", file=sys.stderr)
+            else:
+                print(f"{run_dir.name}: evaluating", file=sys.stderr)
+                evaluate.main([
+                    "--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction),
+                    "--seed", str(seed), "--estimator", estimator, "--out", str(run_dir), "--overwrite", *passthrough,
+                ])  # --overwrite: a run dir without metrics.json is left over from an interrupted run
+            runs[estimator].append(json.loads(path.read_text()))
+    return runs
+
+
+def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: list[str]) -> dict:
+    """Mean ± sd per (estimator, method) and the paired differences, from the per-run metrics."""
+    estimators = list(runs)
+    methods = list(runs[estimators[0]][0]["auc"])
+    for e in estimators:
+        for seed, r in enumerate(runs[e]):
+            if set(r["auc"]) != set(methods):
+                raise SystemExit(
+                    f"error: {e}-{seed}/metrics.json has methods {sorted(r['auc'])}, other runs {sorted(methods)}: "
+                    "runs made with other options; use a fresh --out or delete the runs that differ"
+                )
+    aucs = {e: {m: [r["auc"][m] for r in runs[e]] for m in methods} for e in estimators}
+    table = {
+        e: {m: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)), "values": v} for m, v in aucs[e].items()}
+        for e in estimators
+    }
+    pairs = []
+    for e in estimators:
+        pairs += [((e, "cascade_routing"), (e, other)) for other in ("rules", "routing")]
+    pairs += [((estimators[0], "cascade_routing"), (e, "cascade_routing")) for e in estimators[1:]]
+    differences = []
+    for (ea, ma), (eb, mb) in pairs:
+        if ma in aucs[ea] and mb in aucs[eb]:
+            name = f"{ea} {ma} − {mb}" if ea == eb else f"{ma}: {ea} − {eb}"
+            diff = [a - b for a, b in zip(aucs[ea][ma], aucs[eb][mb])]
+            differences.append({"name": name, "a": [ea, ma], "b": [eb, mb], **paired(diff)})
+    return {"repeats": len(runs[estimators[0]]), "test_fraction": test_fraction, "evaluate_args": evaluate_args,
+            "level": LEVEL, "estimators": estimators, "methods": methods, "auc": table, "differences": differences}
+
+
+def markdown(summary: dict) -> str:
+    """The summary as two markdown tables."""
+    n, methods = summary["repeats"], summary["methods"]
+    lines = [f"AUC over {n} seeded splits ({summary['test_fraction']:.0%} of the queries in test): mean ± sd", "",
+             "| estimator | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for e, row in summary["auc"].items():
+        lines.append(f"| {e} | " + " | ".join(f"{row[m]['mean']:.2f} ± {row[m]['sd']:.2f}" for m in methods) + " |")
+    lines += ["", f"Paired differences over the {n} splits: mean, {summary['level']:.0%} t-interval, sd, per split",
+              "", "| difference | mean | interval | sd | per split |", "|---|---|---|---|---|"]
+    for d in summary["differences"]:
+        per_split = ", ".join(f"{v:+.2f}" for v in d["values"])
+        lo, hi = d["ci"]
+        lines.append(f"| {d['name']} | {d['mean']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {d['sd']:.2f} | {per_split} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                epilog="Other options (e.g. --max-depth 3 --missing drop --threads 1) go to evaluate.")
+    p.add_argument("--data", required=True, help="routing table; its queries are split anew for every seed")
+    p.add_argument("--estimators", required=True, help=f"comma-separated, from {','.join(evaluate.ESTIMATORS)}")
+    p.add_argument("--repeats", type=int, default=5, help="number of seeded splits, seeds 0..N-1 (default 5)")
+    p.add_argument("--test-fraction", type=float, default=0.5, help="test share of each split (default 0.5)")
+    p.add_argument("--out", required=True, help="folder for the runs (DIR/<estimator>-<seed>) and the summary")
+    args, passthrough = p.parse_known_args(argv)
+    args.estimators = [e for e in args.estimators.split(",") if e]
+    unknown = sorted(set(args.estimators) - set(evaluate.ESTIMATORS))
+    if unknown or not args.estimators or len(set(args.estimators)) != len(args.estimators):
+        p.error(f"--estimators: give distinct names from {list(evaluate.ESTIMATORS)}, got {args.estimators}")
+    if args.repeats < 2:
+        p.error(f"--repeats: an interval needs at least 2 splits, got {args.repeats}")
+    clash = sorted({a.split("=")[0] for a in passthrough} & set(OWN_OPTIONS))
+    if clash:
+        p.error(f"{clash} are set by this script for every run; do not pass them through")
+    summary = summarize(run_all(args, passthrough), args.test_fraction, passthrough)
+    text = markdown(summary)
+    atomic_write_json(Path(args.out) / "summary.json", summary)
+    atomic_write_bytes(Path(args.out) / "summary.md", text.encode())
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
