@@ -45,7 +45,9 @@ class NeighborPrior:
         query = torch.nn.functional.normalize(embedding.float(), dim=1)
         for start in range(0, query.shape[0], _CHUNK):
             sl = slice(start, start + _CHUNK)
-            sim = query[sl] @ self.bank.t()
+            # float64 and rounded, so that the neighbours do not depend on the batch a query comes in
+            # (BLAS sums in a batch-size dependent order; near-ties would otherwise flip)
+            sim = torch.round(query[sl].double() @ self.bank.double().t(), decimals=9)
             src = source[sl].unsqueeze(1)
             allowed = (src == 0) | (self.source.unsqueeze(0) == src)
             if exclude is not None:
