@@ -22,8 +22,9 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
 
+from router_train.manifest import read_manifest
 from router_train.outputs import atomic_write_bytes, atomic_write_json
 from router_train.table import RoutingTable
 
@@ -237,13 +238,25 @@ class LearnedEstimator(QualityEstimator):
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str = "cpu", encoder: Embedder | None = None) -> "LearnedEstimator":
-        """Rebuild a saved estimator; fails with a clear message on missing files, shapes or versions."""
+        """Rebuild a saved estimator; fails with a message naming the file on missing, corrupt or (when a
+        router export's manifest.json is beside it) changed files, shapes or versions."""
         directory = Path(directory)
         meta_path, weights_path = directory / "estimator.json", directory / "estimator.safetensors"
         for path in (meta_path, weights_path):
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: {directory} is not a complete learned-estimator export")
-        meta = json.loads(meta_path.read_text())
+        if (directory / "manifest.json").exists():
+            read_manifest(directory)  # checks the SHA-256 of every file of the export
+        try:
+            meta = json.loads(meta_path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{meta_path} is not valid JSON ({e}): corrupt or truncated; export the estimator again"
+            ) from None
+        if not isinstance(meta, dict):
+            raise ValueError(
+                f"{meta_path} must hold a JSON object, got a {type(meta).__name__}; export the estimator again"
+            )
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(
                 f"{meta_path}: unsupported estimator format {meta.get('format')!r} version {meta.get('version')!r}; "
@@ -252,11 +265,18 @@ class LearnedEstimator(QualityEstimator):
         absent = [key for key in ("models", "sources", "config", "net", "encoder_identity", "cost") if key not in meta]
         if absent:
             raise ValueError(f"{meta_path} lacks the field(s) {absent}; export the estimator again")
+        _check_models(meta, meta_path)
         config = _config_from_dict(meta["config"])
         est = cls(config, encoder)
         est.models = list(meta["models"])
         est.sources = list(meta["sources"])
-        tensors = load_file(str(weights_path))
+        try:
+            tensors = safetensors.torch.load(weights_path.read_bytes())
+        except SafetensorError as e:
+            raise ValueError(
+                f"{weights_path} is not a readable safetensors file ({e}): corrupt or truncated; "
+                "export the estimator again"
+            ) from None
         est.net = QualityNet(NetConfig(**meta["net"]))
         _load_prefixed(est.net, tensors, "net.", weights_path)
         est.scale = float(_take(tensors, "calibration.scale", weights_path)[0])
@@ -325,6 +345,23 @@ def _config_from_dict(data: dict) -> LearnedConfig:
         train=TrainSettings(**data["train"]),
         **{k: v for k, v in data.items() if k not in ("encoder", "train")},
     )
+
+
+def _check_models(meta: dict, path: Path) -> None:
+    """The model list of estimator.json: distinct names, as many as the network has outputs, the cost model's."""
+    models = meta["models"]
+    names = isinstance(models, list) and all(isinstance(m, str) and m for m in models)
+    if not names or len(set(models)) < len(models):
+        raise ValueError(
+            f"{path}: 'models' must be a list of distinct model names, got {models!r}; export the estimator again"
+        )
+    n_net = meta["net"].get("n_models") if isinstance(meta["net"], dict) else None
+    cost_models = meta["cost"].get("models") if isinstance(meta["cost"], dict) else None
+    if n_net != len(models) or cost_models != models:
+        raise ValueError(
+            f"{path}: 'models' lists {models}, but the network has {n_net} model outputs and the cost model "
+            f"lists {cost_models}; the file was edited or corrupted: export the estimator again"
+        )
 
 
 def _take(tensors: dict, name: str, path: Path) -> torch.Tensor:

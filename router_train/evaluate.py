@@ -5,7 +5,8 @@
 
 For each method, one strategy per budget is calibrated on the training split and scored on the test
 split (expected cost and quality, ties mixed with probability γ); the curves' AUCs come with paired
-bootstrap intervals. Writes DIR/metrics.json and DIR/curves.png.
+bootstrap intervals. Writes DIR/metrics.json and DIR/curves.png: into a temporary directory beside DIR
+that replaces DIR only once complete, so an earlier report there survives any failure or interrupt.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from estimators import QualityEstimator, TruthEstimator
 
 from .calibrate import CalibrationConfig, calibrate_sweep
+from .cli import add_debug_flag, user_errors
 from .kernel import KernelConfig
 from .metrics import (
     auc,
@@ -32,11 +34,11 @@ from .metrics import (
     single_model_points,
     upper_hull,
 )
-from .outputs import atomic_write_json, prepare_output_dir
+from .outputs import atomic_write_json, check_output_dir, staged_output_dir
 from .plotting import plot_curves
 from .rules import RulesBaseline
 from .simulate import Simulator
-from .table import SPLIT_MODES, RoutingTable
+from .table import SPLIT_MODES, RoutingTable, check_cost_spread, load_table, load_train_test
 
 ESTIMATORS = ("noisy", "logreg", "knn", "learned")
 METHODS = ("routing", "threshold_cascade", "cascade", "cascade_routing")
@@ -196,20 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when sharing the CPU)")
     p.add_argument("--out", required=True, help="output directory for metrics.json and curves.png")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    add_debug_flag(p)
     return p
 
 
 def load_split(args) -> tuple[RoutingTable, RoutingTable]:
     """Training and test tables from --data / --test-data."""
-    from .table import load_table
-
     models = args.models.split(",") if args.models else None
     kw = dict(models=models, missing=args.missing, seed=args.seed)
     if args.test_data:
-        return (
-            load_table(args.data, all_split="train", **kw),
-            load_table(args.test_data, all_split="test", **kw),
-        )
+        return load_train_test(args.data, args.test_data, **kw)
     table = load_table(args.data, split=args.split, test_fraction=args.test_fraction, **kw)
     return table.train(), table.test()
 
@@ -255,29 +253,44 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Qualit
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The CLI: a user error (bad argument, table, checkpoint or output path) prints `error: ...` and exits 2."""
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with user_errors(args.debug):
+        return run(args)
+
+
+def check_args(args) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Validate the arguments that need no file; returns the methods and the Σ scales."""
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        raise SystemExit(f"error: --methods has unknown names {unknown}; choose from {list(METHODS)}")
+        raise ValueError(f"--methods has unknown names {unknown}; choose from {list(METHODS)}")
     if not 0.0 <= args.min_spend <= 1.0:
-        raise SystemExit(f"error: --min-spend is a share of the budget in [0, 1], got {args.min_spend}")
-    out_dir = prepare_output_dir(args.out, overwrite=args.overwrite)
-    train, test = load_split(args)
-    if train.n == 0 or test.n == 0:
-        raise SystemExit(f"error: need training and test queries, got {train.n} and {test.n}; check --data/--test-data")
+        raise ValueError(f"--min-spend is a share of the budget in [0, 1], got {args.min_spend}")
     if args.checkpoint and args.estimator != "learned":
-        raise SystemExit("error: --checkpoint needs --estimator learned")
+        raise ValueError("--checkpoint needs --estimator learned")
+    if args.folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {args.folds}")
     default_scales = "1" if args.estimator == "noisy" else "0,0.5,1"
     try:
         sigma_scales = tuple(float(x) for x in (args.sigma_scales or default_scales).split(","))
     except ValueError:
-        raise SystemExit(f"error: --sigma-scales must be comma-separated numbers, got {args.sigma_scales!r}") from None
-    if args.folds < 2:
-        raise SystemExit(f"error: --folds must be at least 2, got {args.folds}")
+        raise ValueError(f"--sigma-scales must be comma-separated numbers, got {args.sigma_scales!r}") from None
+    return methods, sigma_scales
+
+
+def run(args) -> dict:
+    """Evaluate as the parsed arguments say; everything that can fail early (arguments, --out, the
+    tables) is checked before any work, and --out is replaced only by a complete report."""
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods, sigma_scales = check_args(args)
+    check_output_dir(args.out, overwrite=args.overwrite)
+    train, test = load_split(args)
+    if train.n == 0 or test.n == 0:
+        raise ValueError(f"need training and test queries, got {train.n} and {test.n}; check --data/--test-data")
+    check_cost_spread(train, f"the training queries of {args.data}")
     estimator, calibration_estimator = build_estimator(args, train)
     train, test = train.in_model_order(estimator.models), test.in_model_order(estimator.models)
     config = EvaluationConfig(
@@ -302,11 +315,12 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["estimator"]["checkpoint"] = str(args.checkpoint)
     metrics["wall_time_s"] = time.perf_counter() - start
     label = f"{args.estimator} ({args.noise})" if args.estimator == "noisy" else args.estimator
-    write_report(metrics, out_dir, title=f"{args.data} · {label}")
+    with staged_output_dir(args.out, overwrite=args.overwrite) as staging:
+        write_report(metrics, staging, title=f"{args.data} · {label}")
     for name, value in metrics["auc"].items():
         lo, hi = metrics["auc_ci"][name]
         print(f"{name:>18s}  AUC {value:6.2f}  [{lo:6.2f}, {hi:6.2f}]")
-    print(f"wall time: {metrics['wall_time_s']:.1f}s -> {out_dir}")
+    print(f"wall time: {metrics['wall_time_s']:.1f}s -> {args.out}")
     return metrics
 
 

@@ -1,18 +1,36 @@
-"""The export manifest (`manifest.json`): what a serving process needs besides the weights."""
+"""The export manifest (`manifest.json`): what a serving process needs besides the weights, and the
+SHA-256 of every other file of the export, checked at load."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 FORMAT = "router-train"
-VERSION = 1
-REQUIRED_FILES = ("manifest.json", "estimator.safetensors", "estimator.json")
+VERSION = 2
+"""Version 2 added `files` (the checksums); version 1 exports must be exported again."""
+ESTIMATOR_FILES = ("estimator.safetensors", "estimator.json")
+REQUIRED_FILES = ("manifest.json", *ESTIMATOR_FILES)
+REQUIRED_FIELDS = ("models", "budgets", "strategies", "max_depth", "kernel", "files")
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksums(directory: str | Path) -> dict[str, str]:
+    """SHA-256 of every file in an export directory but manifest.json, by file name."""
+    return {p.name: sha256(p) for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name != "manifest.json"}
 
 
 def read_manifest(directory: str | Path) -> dict:
-    """Load and check an export's manifest; clear errors for missing files, other formats and versions."""
+    """Load and check an export's manifest and the checksums of the files it lists; clear errors naming
+    the file for missing or changed files, other formats and versions."""
     directory = Path(directory)
+    path = directory / "manifest.json"
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     missing = [name for name in REQUIRED_FILES if not (directory / name).exists()]
@@ -22,15 +40,42 @@ def read_manifest(directory: str | Path) -> dict:
             "`python -m router_train.train` (a complete export has " + ", ".join(REQUIRED_FILES) + ")"
         )
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / 'manifest.json'} is not valid JSON: {e}") from None
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}; export the checkpoint again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object, got a {type(manifest).__name__}; export the checkpoint again"
+        )
     if manifest.get("format") != FORMAT or manifest.get("manifest_version") != VERSION:
         raise ValueError(
-            f"{directory / 'manifest.json'}: unknown manifest format {manifest.get('format')!r} version "
-            f"{manifest.get('manifest_version')!r}; this router-train reads {FORMAT!r} version {VERSION}"
+            f"{path}: unknown manifest format {manifest.get('format')!r} version "
+            f"{manifest.get('manifest_version')!r}; this router-train reads {FORMAT!r} version {VERSION}: "
+            "export the checkpoint again"
         )
-    for key in ("models", "budgets", "strategies", "max_depth", "kernel"):
+    for key in REQUIRED_FIELDS:
         if key not in manifest:
-            raise ValueError(f"{directory / 'manifest.json'} lacks the field {key!r}; export it again")
+            raise ValueError(f"{path} lacks the field {key!r}; export it again")
+    verify_files(directory, manifest["files"])
     return manifest
+
+
+def verify_files(directory: Path, files) -> None:
+    """Check each listed file of an export against its SHA-256 (a flipped byte silently changes decisions)."""
+    where = directory / "manifest.json"
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError(f"{where}: the field 'files' must map file names to SHA-256 hex digests; export it again")
+    unlisted = [name for name in ESTIMATOR_FILES if name not in files]
+    if unlisted:
+        raise ValueError(f"{where}: the field 'files' lacks the checksum of {unlisted}; export it again")
+    for name, digest in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{where}: the field 'files' names {name!r}, which is not a file of the export")
+        file = directory / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: {where} lists it; copy the whole export or export it again")
+        if sha256(file) != digest:
+            raise ValueError(
+                f"{file} does not match its SHA-256 in {where}: it was corrupted or edited after export; "
+                "restore it or export the checkpoint again"
+            )

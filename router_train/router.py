@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -90,7 +91,8 @@ class CascadeRouter:
         seed: int | None = None,
         cache_size: int = 100_000,
     ) -> "CascadeRouter":
-        """Load an export (`checkpoints/<run>`); fails at once on missing files, wrong shapes or versions."""
+        """Load an export (`checkpoints/<run>`); fails at once on missing or changed files (their SHA-256 in
+        the manifest), wrong shapes or versions."""
         manifest = read_manifest(path)
         estimator = LearnedEstimator.load(path, device=device)
         if estimator.models != list(manifest["models"]):
@@ -114,7 +116,12 @@ class CascadeRouter:
 
     def _check_budget(self, budget: float) -> float:
         lo, hi = self.budget_range
-        if not isinstance(budget, (int, float)) or not math.isfinite(budget) or not lo <= budget <= hi:
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+            raise ValueError(
+                f"budget must be a number in the calibrated range [{lo:.6g}, {hi:.6g}] (USD per query), got "
+                f"{type(budget).__name__} {budget!r}"
+            )
+        if not math.isfinite(budget) or not lo <= budget <= hi:
             raise ValueError(
                 f"budget {budget!r} is outside the calibrated range [{lo:.6g}, {hi:.6g}] (USD per query); "
                 "choose a budget inside it or recalibrate with other budgets"

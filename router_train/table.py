@@ -2,14 +2,16 @@
 
 A routing table file is in long format (one row per query and model: `query_id`, `query`, `model`,
 `quality`, `cost`, and optional `source`, `split`, `answer`, `confidence`, `tokens_in`, `tokens_out`,
-`latency_ms`). `load_table` reads it (Parquet, JSON/JSONL or CSV, through `datasets`), validates it
-with messages that say what is wrong, where and how to fix it, and pivots it into a `RoutingTable` of
-n queries × k models whose columns are ordered by ascending mean train cost, the order cascades run in.
-Row numbers in messages count the file's data rows from 0.
+`latency_ms`). `load_table` reads it (Parquet, JSON/JSONL, or CSV/TSV with any of the delimiters
+`,;|` or tab, through `datasets`), validates it with messages that say what is wrong, where and how to
+fix it, warns about implausible costs, and pivots it into a `RoutingTable` of n queries × k models whose
+columns are ordered by ascending mean train cost, the order cascades run in. Row numbers in messages
+count the file's data rows from 0. `load_train_test` reads a training and a separate test table.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 import tempfile
@@ -21,11 +23,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 REQUIRED_COLUMNS = ("query_id", "query", "model", "quality", "cost")
-_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
+_DELIMITERS = ",;\t|"
+COST_OUTLIER_FACTOR = 100.0
+"""A cost over this many times its model's median cost is reported as a likely unit error."""
 _CELL_COLUMNS = ("query_id", "model", "quality", "cost", "split", "answer", "confidence", "tokens_in", "tokens_out")
 _MISSING_MODES = ("error", "drop")
 SPLIT_MODES = ("auto", "column", "seeded")
@@ -197,6 +203,13 @@ def load_table(
         )
     for col in ("query_id", "model", "query"):
         df[col] = _strings(df, col)
+    empty = (df["model"].str.strip() == "").to_numpy()
+    if empty.any():
+        i = int(np.argmax(empty))
+        raise ValueError(
+            f"column 'model': {int(empty.sum())} empty model name(s), e.g. at {_where(df, i)}; every row needs "
+            "the name of the model it scores: fill them in or remove those rows"
+        )
 
     # Queries are numbered over the whole file, so a query with no row for the chosen models counts as incomplete.
     qcode, qids = pd.factorize(df["query_id"], sort=False)
@@ -212,7 +225,7 @@ def load_table(
 
     available = sorted(df["model"].unique().tolist())
     if models is not None:
-        _check_model_names(models, available)
+        _check_model_names(models, available, where=f"models (of {path})")
         used = df["model"].isin(models).to_numpy()
         df, qcode = df[used], qcode[used]
         names = list(models)
@@ -333,7 +346,72 @@ def load_table(
         tokens_in=tensor(dense(optional["tokens_in"]) if "tokens_in" in optional else None),
         tokens_out=tensor(dense(optional["tokens_out"]) if "tokens_out" in optional else None),
     )
+    _warn_cost_outliers(table, path)
     return table._sorted_by_cost()
+
+
+def load_train_test(
+    train_path: str | os.PathLike,
+    test_path: str | os.PathLike,
+    *,
+    models: list[str] | None = None,
+    missing: str = "error",
+    seed: int = 0,
+) -> tuple[RoutingTable, RoutingTable]:
+    """A training table and a separate test table (every query in its file's split), the test table's
+    models in the training table's order; raises when one table lacks a model of the other."""
+    kw = dict(models=models, missing=missing, seed=seed)
+    train = load_table(train_path, all_split="train", **kw)
+    test = load_table(test_path, all_split="test", **kw)
+    lacks = [m for m in train.models if m not in test.models]
+    adds = [m for m in test.models if m not in train.models]
+    if lacks or adds:
+        what = []
+        if lacks:
+            what.append(f"lacks model(s) {lacks} of the training table {train_path}")
+        if adds:
+            what.append(f"adds model(s) {adds} that the training table {train_path} lacks")
+        shared = [m for m in train.models if m in test.models]
+        raise ValueError(
+            f"the test table {test_path} {' and '.join(what)}; both need the same models: add the rows, or keep the "
+            f"shared ones with models=[...] (CLI: --models, recipe: data.models): {shared}"
+        )
+    return train, test.in_model_order(train.models)
+
+
+def check_cost_spread(table: RoutingTable, where: str) -> None:
+    """Raise unless `table` has two models of different mean cost: a budget sweep runs between the
+    cheapest and the most expensive model, so one model (or equally priced ones) leaves nothing to route."""
+    means = sorted(set(table.cost.mean(0).tolist())) if table.n else []
+    if len(means) < 2:
+        raise ValueError(
+            f"{where}: routing needs at least two models of different mean cost, got {table.k} model(s) "
+            f"{table.models}" + (f" all at mean cost {means[0]:.6g}" if table.k > 1 and means else "")
+            + "; add models (or choose more with --models / data.models)"
+        )
+
+
+def _warn_cost_outliers(table: RoutingTable, path: str | os.PathLike) -> None:
+    """Warn on stderr about costs over COST_OUTLIER_FACTOR × their model's median (a unit error in a log
+    shifts every budget and AUC), naming each such model's largest cell."""
+    cost = table.cost.numpy()
+    if cost.size == 0:
+        return
+    median = np.median(cost, axis=0)
+    outlier = (cost > COST_OUTLIER_FACTOR * median) & (median > 0)
+    details = []
+    for j in np.flatnonzero(outlier.any(axis=0)):
+        i = int(np.argmax(cost[:, j]))
+        details.append(
+            f"model {table.models[j]!r}: {int(outlier[:, j].sum())} cell(s), largest {cost[i, j]:.6g} at query_id "
+            f"{table.query_ids[i]!r} (median {median[j]:.6g})"
+        )
+    if details:
+        print(
+            f"warning: {path}: column 'cost' has values over {COST_OUTLIER_FACTOR:g}x their model's median cost "
+            f"({'; '.join(details)}); a unit error? they shift every budget: check those rows",
+            file=sys.stderr,
+        )
 
 
 def _split_column(
@@ -414,30 +492,52 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
         )
     if not Path(path).is_file():
         raise FileNotFoundError(f"routing table not found: {path}")
-    if _has_no_rows(path, fmt):  # `datasets` fails on files without rows
-        return pd.DataFrame()
-    with tempfile.TemporaryDirectory() as cache, _quiet_progress():
-        common = {"keep_in_memory": True, "cache_dir": cache}
-        if fmt == "parquet":
-            dataset = datasets.Dataset.from_parquet(str(path), **common)
-        elif fmt == "json":
-            # One block for the whole file, so column types are inferred from all rows, not only the first block.
-            dataset = datasets.Dataset.from_json(str(path), chunksize=os.path.getsize(path) + 1, **common)
-        else:
-            # Every CSV column as text (parsed by `_numeric` later): per-chunk type inference would disagree.
-            header = pd.read_csv(path, nrows=0).columns
-            features = datasets.Features({c: datasets.Value("string") for c in header})
-            dataset = datasets.Dataset.from_csv(str(path), features=features, **common)
-        return dataset.to_pandas()
+    sep = _delimiter(path) if fmt == "csv" else ","
+    try:
+        if _has_no_rows(path, fmt, sep):  # `datasets` fails on files without rows
+            return pd.DataFrame()
+        with tempfile.TemporaryDirectory() as cache, _quiet_datasets():
+            common = {"keep_in_memory": True, "cache_dir": cache}
+            if fmt == "parquet":
+                dataset = datasets.Dataset.from_parquet(str(path), **common)
+            elif fmt == "json":
+                # One block for the whole file, so column types are inferred from all rows, not only the first block.
+                dataset = datasets.Dataset.from_json(str(path), chunksize=os.path.getsize(path) + 1, **common)
+            else:
+                # Every CSV column as text (parsed by `_numeric` later): per-chunk type inference would disagree.
+                header = pd.read_csv(path, nrows=0, sep=sep).columns
+                features = datasets.Features({c: datasets.Value("string") for c in header})
+                dataset = datasets.Dataset.from_csv(str(path), features=features, sep=sep, **common)
+            return dataset.to_pandas()
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as e:  # parser errors
+        hint = f" (delimiter {sep!r}: quote the fields that contain it)" if fmt == "csv" else ""
+        raise ValueError(f"{path}: cannot read it as a {fmt} table{hint}: {_root_cause(e)}") from None
 
 
-def _has_no_rows(path: str | os.PathLike, fmt: str) -> bool:
+def _delimiter(path: str | os.PathLike) -> str:
+    """The delimiter of a delimiter-separated file, sniffed from its header line (a comma when unclear)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    try:
+        return csv.Sniffer().sniff(header, delimiters=_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause of `error` (`datasets` wraps the parser's own message)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _has_no_rows(path: str | os.PathLike, fmt: str, sep: str) -> bool:
     """Whether the file holds no data rows (an empty Parquet table, a CSV header alone, an empty JSON list)."""
     if fmt == "parquet":
         return pq.read_metadata(path).num_rows == 0
     if fmt == "csv":
         try:
-            return pd.read_csv(path, nrows=1, dtype=str).empty
+            return pd.read_csv(path, nrows=1, dtype=str, sep=sep).empty
         except pd.errors.EmptyDataError:
             return True
     with open(path, "rb") as f:
@@ -445,13 +545,17 @@ def _has_no_rows(path: str | os.PathLike, fmt: str) -> bool:
 
 
 @contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """Hide the `datasets` progress bars while reading, restoring the caller's setting."""
+def _quiet_datasets() -> Iterator[None]:
+    """Hide the `datasets` progress bars and log lines while reading (a parse error is reported once, by
+    `_read`), restoring the caller's settings."""
     enabled = datasets.is_progress_bar_enabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if enabled:
             datasets.enable_progress_bars()
 
@@ -490,13 +594,13 @@ def _where(df: pd.DataFrame, i: int) -> str:
     return f"row {df.index[i]} (query_id {df['query_id'].iat[i]!r}, model {df['model'].iat[i]!r})"
 
 
-def _check_model_names(names: list[str], available: list[str]) -> None:
+def _check_model_names(names: list[str], available: list[str], where: str = "models") -> None:
     """Raise a ValueError when `names` is empty, repeats a name or names a model not in `available`."""
     if not names:
-        raise ValueError(f"models: choose at least one model; available models: {available}")
+        raise ValueError(f"{where}: choose at least one model; available models: {available}")
     repeated = sorted({m for m in names if names.count(m) > 1})
     if repeated:
-        raise ValueError(f"models: {repeated} given more than once; available models: {available}")
+        raise ValueError(f"{where}: {repeated} given more than once; available models: {available}")
     unknown = [m for m in names if m not in available]
     if unknown:
-        raise ValueError(f"models: unknown model(s) {unknown}; available models: {available}")
+        raise ValueError(f"{where}: unknown model(s) {unknown}; available models: {available}")

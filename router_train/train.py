@@ -6,8 +6,15 @@
 Steps: load the tables; embed the queries (cached); train the learned estimator on all training
 queries with accelerate (resumable: re-running after an interruption continues from the last epoch)
 and fit Σ; train K more on K − 1 folds each (cross-fitting) and calibrate λ/γ for every method over a
-budget sweep on their out-of-fold estimates of the training queries; evaluate on the test split; export `checkpoints/<run>/` with
-`estimator.safetensors`, `estimator.json`, `manifest.json`, `metrics.json` and `curves.png`.
+budget sweep on their out-of-fold estimates of the training queries; evaluate on the test split;
+export `checkpoints/<run>/` with `estimator.safetensors`, `estimator.json`, `manifest.json` (with the
+SHA-256 of every other file), `metrics.json` and `curves.png`.
+
+`checkpoints/<run>` is a symlink to a version directory in `checkpoints/.<run>.versions/`; a new export
+is written into a fresh version and published by renaming one symlink over the old one, so the run path
+always holds a complete export, and an interrupted run leaves nothing behind (the next run removes any
+leftover). Training state for resuming lives in `checkpoints/.<run>.partial`, kept only while the recipe
+and the data files are unchanged.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ from estimators.learned import LearnedEstimator
 from . import __version__
 from . import manifest as manifest_format
 from .calibrate import CalibrationConfig
+from .cli import add_debug_flag, user_errors
 from .config import TrainConfig, load_config, to_dict
 from .evaluate import EvaluationConfig, evaluate, write_report
 from .kernel import KernelConfig
-from .outputs import atomic_write_json
-from .table import RoutingTable, load_table
+from .outputs import atomic_write_json, new_version, publish_version, remove_stale_versions
+from .table import RoutingTable, check_cost_spread, load_table, load_train_test
 
 BUNDLED = "bundled"
 """`data.train: bundled` names the default dataset shipped in the package (router_train/data)."""
@@ -46,15 +54,20 @@ def bundled_dataset() -> Path:
     return Path(str(resources.files("router_train") / "data" / "llmrouter.parquet"))
 
 
+def data_paths(config: TrainConfig) -> list[Path]:
+    """The table files a recipe reads: the training table (the bundled one by default), then any test table."""
+    data = config.data
+    paths = [bundled_dataset() if data.train in ("", BUNDLED) else Path(data.train)]
+    return paths + ([Path(data.test)] if data.test else [])
+
+
 def load_tables(config: TrainConfig) -> tuple[RoutingTable, RoutingTable]:
     """Training and test tables of a recipe."""
     data = config.data
-    path = bundled_dataset() if data.train in ("", BUNDLED) else data.train
+    path = data_paths(config)[0]
     kw = dict(models=data.models, missing=data.missing, seed=config.seed)
     if data.test:
-        train = load_table(path, all_split="train", **kw)
-        test = load_table(data.test, all_split="test", **kw).in_model_order(train.models)
-        return train, test
+        return load_train_test(path, data.test, **kw)
     table = load_table(path, split=data.split, test_fraction=data.test_fraction, **kw)
     return table.train(), table.test()
 
@@ -62,6 +75,15 @@ def load_tables(config: TrainConfig) -> tuple[RoutingTable, RoutingTable]:
 def config_fingerprint(config: TrainConfig) -> str:
     """Short hash of a recipe: training state is resumed only under the same one."""
     return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(paths: list[Path]) -> str:
+    """Short hash of the bytes of the table files: training state is resumed only on the same data."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def start_wandb(config: TrainConfig, directory: Path):
@@ -76,8 +98,9 @@ def start_wandb(config: TrainConfig, directory: Path):
                       config=to_dict(config), reinit="finish_previous")
 
 
-def manifest(config: TrainConfig, estimator: LearnedEstimator, metrics: dict, sizes: dict) -> dict:
-    """Everything a serving process needs to know about an export besides the weights."""
+def manifest(config: TrainConfig, estimator: LearnedEstimator, metrics: dict, sizes: dict, files: dict) -> dict:
+    """Everything a serving process needs to know about an export besides the weights; `files` maps the
+    export's other files to their SHA-256, checked at load."""
     strategies = {mode: metrics["strategies"][mode] for mode in config.calibration.methods}
     return {
         "format": manifest_format.FORMAT,
@@ -96,47 +119,80 @@ def manifest(config: TrainConfig, estimator: LearnedEstimator, metrics: dict, si
         "kernel": {"n_samples": config.calibration.samples, "seed": config.seed},
         "budgets": metrics["budgets"],
         "strategies": strategies,
-        "estimator_files": ["estimator.safetensors", "estimator.json"],
+        "estimator_files": list(manifest_format.ESTIMATOR_FILES),
+        "files": files,
         "data": sizes,
         "config": to_dict(config),
     }
 
 
-def export(run_dir: Path, work: Path, overwrite: bool) -> None:
-    """Move the finished export `work` to `run_dir` in one rename; an old run is removed only after."""
-    if run_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it")
-        old = run_dir.with_name(f".{run_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(run_dir, old)
-        os.replace(work, run_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, run_dir)
+def clean_leftovers(run_dir: Path, log=print) -> None:
+    """Repair what interrupted runs left: versions no longer linked, and the `.<run>.old` / `.<run>.export`
+    directories of earlier router-train versions (the old export is put back when the run path is missing)."""
+    old, work = run_dir.with_name(f".{run_dir.name}.old"), run_dir.with_name(f".{run_dir.name}.export")
+    if old.is_dir():
+        if os.path.lexists(run_dir):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, run_dir)
+            log(f"restored {run_dir} from {old}, left there by an interrupted run")
+    if work.is_dir():
+        shutil.rmtree(work)
+    remove_stale_versions(run_dir)
 
 
-def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
-    """Execute a recipe end to end; returns the export directory."""
-    start = time.perf_counter()
-    out = Path(config.output_dir)
-    run_dir = out / config.run_name
-    if run_dir.exists() and not overwrite:
-        raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it (or --run-name)")
-    state = out / f".{config.run_name}.partial"
-    fingerprint = config_fingerprint(config)
+def export(run_dir: Path, write, overwrite: bool) -> None:
+    """Publish a new export at `run_dir`: `write(directory)` fills a fresh version directory, then one
+    symlink rename makes it the run's export. On any failure or interrupt the new version is removed and
+    the old export stays as it was."""
+    if os.path.lexists(run_dir) and not overwrite:
+        raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it")
+    version = new_version(run_dir)
+    try:
+        write(version)
+        publish_version(run_dir, version)
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)
+        raise
+
+
+def resume_state(state: Path, fingerprint: dict, log=print) -> None:
+    """Keep the training state in `state` only if it was saved under the same recipe and data files."""
     if state.exists():
-        saved = (state / "fingerprint").read_text().strip() if (state / "fingerprint").exists() else None
-        if saved != fingerprint:
-            log(f"discarding training state in {state}: it belongs to a different configuration")
+        path = state / "fingerprint.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        changed = [what for what in ("config", "data") if saved.get(what) != fingerprint[what]]
+        if changed:
+            reason = " and ".join({"config": "the recipe", "data": "the data files"}[what] for what in changed)
+            log(f"discarding training state in {state}: {reason} changed since it was saved; training afresh")
             shutil.rmtree(state)
         elif (state / "train" / "progress.json").exists():
             epoch = json.loads((state / "train" / "progress.json").read_text())["epoch"]
             log(f"resuming training from the checkpoint after epoch {epoch} in {state}")
     state.mkdir(parents=True, exist_ok=True)
-    (state / "fingerprint").write_text(fingerprint)
+    atomic_write_json(state / "fingerprint.json", fingerprint)
 
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain path component: it names `<output_dir>/<run_name>` and its hidden siblings."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(f"run_name must be a plain name (no '/', not starting with '.'), got {name!r}")
+
+
+def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
+    """Execute a recipe end to end; returns the export path (a symlink to the export's version directory)."""
+    start = time.perf_counter()
+    check_run_name(config.run_name)
+    out = Path(config.output_dir)
+    run_dir = out / config.run_name
+    clean_leftovers(run_dir, log)
+    if os.path.lexists(run_dir) and not overwrite:
+        raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it (or --run-name)")
     train, test = load_tables(config)
+    check_cost_spread(train, f"the training queries of {data_paths(config)[0]}")
+    state = out / f".{config.run_name}.partial"
+    resume_state(state, {"config": config_fingerprint(config), "data": data_fingerprint(data_paths(config))}, log)
+
     folds = config.calibration.folds
     log(f"data: {train.n} queries to train the estimator and calibrate on ({folds}-fold cross-fitting), "
         f"{test.n} to test, {train.k} models")
@@ -178,14 +234,16 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
         wandb_run.summary.update({f"auc/{k}": v for k, v in metrics["auc"].items()})
         wandb_run.finish()
 
-    work = out / f".{config.run_name}.export"
-    shutil.rmtree(work, ignore_errors=True)
-    estimator.save(work)
     sizes = {"train": str(config.data.train or BUNDLED), "test": config.data.test, "n_estimator": train.n,
              "n_calibration": train.n, "calibration_folds": folds, "n_test": test.n}
-    atomic_write_json(work / "manifest.json", manifest(config, estimator, metrics, sizes))
-    write_report(metrics, work, title=f"{config.run_name} · learned estimator")
-    export(run_dir, work, overwrite)
+
+    def write(directory: Path) -> None:
+        estimator.save(directory)
+        write_report(metrics, directory, title=f"{config.run_name} · learned estimator")
+        files = manifest_format.checksums(directory)
+        atomic_write_json(directory / "manifest.json", manifest(config, estimator, metrics, sizes, files))
+
+    export(run_dir, write, overwrite)
     shutil.rmtree(state, ignore_errors=True)
     for name, value in metrics["auc"].items():
         log(f"{name:>18s}  AUC {value:6.2f}")
@@ -201,20 +259,19 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--run-name", help="override run_name (the export goes to <output_dir>/<run_name>)")
     p.add_argument("--output-dir", help="override output_dir (default checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of the same run name")
+    add_debug_flag(p)
     args = p.parse_args(argv)
-    config = load_config(args.config)
-    if args.train_data:
-        config.data.train = args.train_data
-    if args.test_data:
-        config.data.test = args.test_data
-    if args.run_name:
-        config.run_name = args.run_name
-    if args.output_dir:
-        config.output_dir = args.output_dir
-    try:
+    with user_errors(args.debug):
+        config = load_config(args.config)
+        if args.train_data:
+            config.data.train = args.train_data
+        if args.test_data:
+            config.data.test = args.test_data
+        if args.run_name:
+            config.run_name = args.run_name
+        if args.output_dir:
+            config.output_dir = args.output_dir
         return run(config, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""End-to-end: the evaluate CLI on a tiny table writes the promised report and guards its output."""
+"""End-to-end: the evaluate CLI on a tiny table writes the promised report, guards its output (an
+earlier report survives every failure) and reports user errors in one line."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,22 @@ from router_train.rules import RulesBaseline
 from router_train.table import load_table
 
 TINY = ["--budgets", "4", "--trials", "3", "--samples", "16", "--bootstrap", "50", "--max-depth", "3"]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory`, by relative path."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting a user error: exit status 2 and one `error: ...` line, no traceback."""
+    with pytest.raises(SystemExit) as info:
+        evaluate_cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +60,44 @@ def test_cli_writes_metrics_and_plot(table_path, tmp_path, capsys):
     assert "wall time:" in capsys.readouterr().out
 
 
-def test_cli_refuses_to_overwrite_without_the_flag(table_path, tmp_path):
+def test_cli_refuses_to_overwrite_without_the_flag(table_path, tmp_path, capsys):
     out = tmp_path / "report"
     args = ["--data", str(table_path), "--out", str(out), "--methods", "routing", *TINY]
     evaluate_cli.main(args)
     before = (out / "metrics.json").read_text()
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        evaluate_cli.main(args)
+    assert "--overwrite" in user_error(capsys, args)
     assert (out / "metrics.json").read_text() == before
     evaluate_cli.main([*args, "--overwrite"])
+    assert sorted(os.listdir(tmp_path)) == ["report"]  # no staging or old copies left beside it
+
+
+def test_earlier_results_survive_every_failure(table_path, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "report"
+    args = ["--out", str(out), "--overwrite", "--methods", "routing", *TINY]
+    evaluate_cli.main(["--data", str(table_path), *args])
+    before = snapshot(out)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("query_id,query,model,quality,cost\nq0,x,a,7,0.1\n")
+    for data in (tmp_path / "nope.parquet", bad):
+        user_error(capsys, ["--data", str(data), *args])
+        assert snapshot(out) == before
+    # a failure or interrupt while the new report is being written: the old one stays, nothing is left beside it
+    for error in (RuntimeError("disk full"), KeyboardInterrupt()):
+        def fail(*a, error=error, **k):
+            raise error
+        monkeypatch.setattr(evaluate_cli, "plot_curves", fail)  # after metrics.json is written
+        with pytest.raises(type(error)):
+            evaluate_cli.main(["--data", str(table_path), *args])
+        assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["bad.csv", "report"]
+    monkeypatch.undo()
+    # a file at --out is refused, never deleted, even with --overwrite
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert "is not a directory" in user_error(capsys, ["--data", str(table_path), *args[2:], "--out", str(a_file)])
+    assert a_file.read_text() == "mine"
+    # a new report into a directory that does not exist yet
+    evaluate_cli.main(["--data", str(table_path), *args[2:], "--out", str(tmp_path / "a" / "b")])
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == ["curves.png", "metrics.json"]
 
 
 def test_cli_with_separate_test_data_and_model_subset(table_path, tmp_path):
@@ -67,9 +115,27 @@ def test_cli_with_separate_test_data_and_model_subset(table_path, tmp_path):
     assert set(metrics["auc"]) == {"linear", "oracle", "rules", "routing", "cascade_routing"}
 
 
-def test_cli_rejects_unknown_methods(table_path, tmp_path):
-    with pytest.raises(SystemExit, match="unknown names"):
-        evaluate_cli.main(["--data", str(table_path), "--out", str(tmp_path / "x"), "--methods", "magic"])
+def test_cli_rejects_unknown_methods(table_path, tmp_path, capsys):
+    argv = ["--data", str(table_path), "--out", str(tmp_path / "x"), "--methods", "magic"]
+    assert "--methods has unknown names ['magic']" in user_error(capsys, argv)
+    with pytest.raises(ValueError, match="unknown names"):
+        evaluate_cli.main([*argv, "--debug"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_table_errors_are_one_line(table_path, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "x"), *TINY]
+    semicolons = tmp_path / "semi.csv"
+    random_frame(30, 3, seed=1).to_csv(semicolons, sep=";", index=False)
+    evaluate_cli.main(["--data", str(semicolons), *out])  # the delimiter is sniffed
+    assert "at least two models of different mean cost" in user_error(
+        capsys, ["--data", str(table_path), "--models", "model-1", *out, "--overwrite"])
+    df = random_frame(120, 5, seed=4)
+    train, test = tmp_path / "train.parquet", tmp_path / "test.parquet"
+    df[df.split == "train"].to_parquet(train, index=False)
+    df[(df.split == "test") & (df.model != "model-4")].to_parquet(test, index=False)
+    message = user_error(capsys, ["--data", str(train), "--test-data", str(test), *out, "--overwrite"])
+    assert "test.parquet lacks model(s) ['model-4'] of the training table" in message
 
 
 def test_noisy_estimator_recalibrates_on_training_rows_only(table_path):
@@ -123,6 +189,6 @@ def test_cli_trains_other_estimators(table_path, tmp_path, estimator):
     assert metrics["strategies"]["rules"] == [s.to_dict() for s in rules.calibrate(metrics["budgets"])]
 
 
-def test_cli_rejects_a_checkpoint_for_other_estimators(table_path, tmp_path):
-    with pytest.raises(SystemExit, match="needs --estimator learned"):
-        evaluate_cli.main(["--data", str(table_path), "--checkpoint", "x", "--out", str(tmp_path / "r")])
+def test_cli_rejects_a_checkpoint_for_other_estimators(table_path, tmp_path, capsys):
+    argv = ["--data", str(table_path), "--checkpoint", "x", "--out", str(tmp_path / "r")]
+    assert "--checkpoint needs --estimator learned" in user_error(capsys, argv)

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from estimators.learned import LearnedEstimator
 from router_train import CascadeRouter
 
 
@@ -57,6 +58,9 @@ def test_budget_interpolates_between_calibrated_strategies(router):
         router.route_batch(["q"], budget=budgets[-1] * 2)
     with pytest.raises(ValueError, match="outside the calibrated range"):
         router.route_batch(["q"], budget=math.nan)
+    for bad in ("1e-4", True, [budgets[1]]):
+        with pytest.raises(ValueError, match=r"budget must be a number in the calibrated range .* got (str|bool|list)"):
+            router.route_batch(["q"], budget=bad)
 
 
 @pytest.mark.parametrize("mode", ["routing", "cascade", "cascade_routing"])
@@ -110,6 +114,65 @@ def test_broken_checkpoints_fail_at_load(export, tmp_path):
         CascadeRouter.load(broken)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CascadeRouter.load(tmp_path / "nowhere")
+    (broken / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="manifest.json must hold a JSON object, got a list"):
+        CascadeRouter.load(broken)
+
+
+def copy_export(export, to):
+    """A plain copy of the export's files (the run path is a symlink to its version directory)."""
+    shutil.copytree(export, to)
+    return to
+
+
+def test_changed_files_fail_the_checksum_at_load(export, router, tmp_path):
+    flipped = copy_export(export, tmp_path / "flipped")
+    weights = bytearray((flipped / "estimator.safetensors").read_bytes())
+    middle = len(weights) // 2
+    weights[middle:middle + 4096] = bytes(b ^ 0xFF for b in weights[middle:middle + 4096])
+    (flipped / "estimator.safetensors").write_bytes(weights)
+    for load in (CascadeRouter.load, LearnedEstimator.load):
+        with pytest.raises(ValueError, match=r"flipped/estimator.safetensors does not match its SHA-256"):
+            load(flipped)
+
+    edited = copy_export(export, tmp_path / "edited")  # the model lists edited alike in both JSON files
+    for name in ("manifest.json", "estimator.json"):
+        data = json.loads((edited / name).read_text())
+        data["models"] = ["model-0", "model-2", "model-1"]
+        (edited / name).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="edited/estimator.json does not match its SHA-256"):
+        CascadeRouter.load(edited)
+    (edited / "manifest.json").unlink()  # without a manifest, the estimator's own lists disagree
+    with pytest.raises(ValueError, match=r"estimator.json: 'models' lists .* but the network has 4 model outputs"):
+        LearnedEstimator.load(edited)
+
+    extra = copy_export(export, tmp_path / "extra")
+    manifest = json.loads((extra / "manifest.json").read_text())
+    manifest["files"]["../escape"] = manifest["files"]["metrics.json"]
+    (extra / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="names '../escape', which is not a file of the export"):
+        CascadeRouter.load(extra)
+    (extra / "metrics.json").unlink()
+    del manifest["files"]["../escape"]
+    (extra / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="extra/metrics.json is missing"):
+        CascadeRouter.load(extra)
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("estimator.safetensors", lambda data: data[: len(data) // 2]),
+    ("estimator.safetensors", lambda data: b"\xff" * 16 + data[16:]),
+    ("estimator.json", lambda data: data[: len(data) // 2]),
+])
+def test_corrupt_estimator_files_are_named(export, tmp_path, name, damage):
+    broken = copy_export(export, tmp_path / "broken")
+    (broken / name).write_bytes(damage((broken / name).read_bytes()))
+    with pytest.raises(ValueError, match=f"broken/{name} does not match its SHA-256"):
+        CascadeRouter.load(broken)
+    (broken / "manifest.json").unlink()
+    kind = "a readable safetensors file" if name.endswith("safetensors") else "valid JSON"
+    with pytest.raises(ValueError, match=f"broken/{name} is not {kind} .*corrupt or truncated"):
+        LearnedEstimator.load(broken)
 
 
 def test_concurrent_callers_get_the_same_decisions(router):

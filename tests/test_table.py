@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from router_train.table import NO_FINITE_CONFIDENCE, RoutingTable, load_table
+from router_train.table import NO_FINITE_CONFIDENCE, RoutingTable, check_cost_spread, load_table, load_train_test
 
 MODELS = ("small", "medium", "large")
 PRICES = {"small": 0.001, "medium": 0.01, "large": 0.1}
@@ -87,6 +87,77 @@ def test_every_format_loads_to_the_same_table(tmp_path: Path, ext: str) -> None:
     # `datasets` re-encodes a JSON list with ujson, which can round a float's 17th digit (0.14000000000000001).
     assert_same(load(tmp_path, df, ext), reference, rtol=1e-15 if ext == "json" else 0.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"table.parquet", f"table.{ext}"})  # no cache files
+
+
+@pytest.mark.parametrize("sep, ext", [(";", "csv"), ("\t", "tsv"), ("|", "csv")])
+def test_other_delimiters_are_sniffed(tmp_path: Path, sep: str, ext: str) -> None:
+    df = long_table()
+    df["query"] = [f"question {q}, with a comma, or two?" for q in range(len(df))]  # commas inside fields
+    path = tmp_path / f"table.{ext}"
+    df.to_csv(path, sep=sep, index=False)
+    assert_same(load_table(path), load(tmp_path, df, "csv"))
+
+
+def test_unreadable_files_are_reported_in_one_line(tmp_path: Path) -> None:
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("query_id;query;model;quality;cost\nq0;hi;small;1;0.1\nq1;a;b;small;1;0.1\n")
+    not_parquet = tmp_path / "table.parquet"
+    not_parquet.write_text("not a parquet file")
+    truncated = tmp_path / "table.jsonl"
+    truncated.write_text('{"query_id": "q0", "query": "x"}\n{"query_id": [\n')
+    for path, match in [
+        (ragged, r"ragged.csv: cannot read it as a csv table \(delimiter ';'.*Expected 5 fields in line 3, saw 6"),
+        (not_parquet, r"table.parquet: cannot read it as a parquet table: "),
+        (truncated, r"table.jsonl: cannot read it as a json table: "),
+    ]:
+        with pytest.raises(ValueError, match=match) as info:
+            load_table(path)
+        assert "\n" not in str(info.value)
+
+
+def test_empty_model_names_are_rejected(tmp_path: Path) -> None:
+    df = long_table()
+    df.loc[4, "model"] = " "
+    with pytest.raises(ValueError, match=r"column 'model': 1 empty model name\(s\), e.g. at row 4 \(query_id 'q1'"):
+        load(tmp_path, df)
+
+
+def test_cost_outliers_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    df = long_table()
+    load(tmp_path, df)
+    assert "warning" not in capsys.readouterr().err
+    df.loc[(df.query_id == "q3") & (df.model == "small"), "cost"] = 1e6  # a unit error in a log
+    table = load(tmp_path, df)
+    err = capsys.readouterr().err
+    assert "warning:" in err and "model 'small': 1 cell(s), largest 1e+06 at query_id 'q3'" in err
+    assert "medium" not in err
+    assert table.cost[table.query_ids.index("q3"), table.model_index("small")] == 1e6  # warned, not changed
+
+
+def test_train_and_test_tables_must_have_the_same_models(tmp_path: Path) -> None:
+    df = long_table(split=False)
+    train = write(df, tmp_path / "train.parquet")
+    lacking = write(df[df.model != "large"], tmp_path / "lacking.csv")
+    extra = df[df.model == "large"].assign(model="huge")
+    adding = write(pd.concat([df, extra]), tmp_path / "adding.csv")
+    with pytest.raises(ValueError, match=r"test table .*lacking.csv lacks model\(s\) \['large'\] of the training"):
+        load_train_test(train, lacking)
+    with pytest.raises(ValueError, match=r"test table .*adding.csv adds model\(s\) \['huge'\] that the training table"):
+        load_train_test(train, adding)
+    with pytest.raises(ValueError, match=r"models \(of .*lacking.csv\): unknown model\(s\) \['large'\]"):
+        load_train_test(train, lacking, models=["small", "large"])
+    fit, test = load_train_test(train, adding, models=["large", "small"])
+    assert fit.models == test.models == ["small", "large"] and not fit.is_test.any() and test.is_test.all()
+
+
+def test_routing_needs_two_models_of_different_cost(tmp_path: Path) -> None:
+    table = load(tmp_path, long_table())
+    check_cost_spread(table, "t")
+    with pytest.raises(ValueError, match=r"t: routing needs at least two models of different mean cost, got 1"):
+        check_cost_spread(table.select_models(["medium"]), "t")
+    same = long_table().assign(cost=0.01)
+    with pytest.raises(ValueError, match=r"got 3 model\(s\) .* all at mean cost 0.01"):
+        check_cost_spread(load(tmp_path, same), "t")
 
 
 def test_dense_layout(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
 """The training recipe end to end on a tiny table with a tiny random encoder: the export it promises,
-no silent overwrite, and config errors that name the key."""
+no silent overwrite, an export replaced atomically, resume only on the same recipe and data, and config
+errors that name the key."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,8 +13,14 @@ from tiny_models import tiny_encoder_dir
 
 from estimators.learned import LearnedEstimator
 from router_train import evaluate as evaluate_cli
+from router_train import outputs
 from router_train import train as recipe
 from router_train.config import load_config
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (following a symlink at the top), by relative path."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +45,7 @@ def tiny_recipe(tmp_path_factory):
     return root, path
 
 
-def test_recipe_exports_a_loadable_run(tiny_recipe):
+def test_recipe_exports_a_loadable_run(tiny_recipe, capsys):
     root, path = tiny_recipe
     run_dir = recipe.main(["--config", str(path)])
     assert sorted(p.name for p in run_dir.iterdir()) == [
@@ -57,13 +66,18 @@ def test_recipe_exports_a_loadable_run(tiny_recipe):
          "--max-depth", "2", "--methods", "routing,cascade_routing"]
     )
     assert evaluated["estimator"]["checkpoint"] == str(run_dir) and evaluated["models"] == manifest["models"]
-    assert not list((root / "checkpoints").glob(".tiny*")), "no temporary or partial directories left behind"
+    # the run path is a symlink to the only version; no temporary or partial directories left behind
+    assert run_dir.is_symlink() and [p.name for p in (root / "checkpoints").glob(".tiny*")] == [".tiny.versions"]
+    assert list((root / "checkpoints" / ".tiny.versions").iterdir()) == [run_dir.resolve()]
+    assert set(manifest["files"]) == {"curves.png", "estimator.json", "estimator.safetensors", "metrics.json"}
 
-    with pytest.raises(SystemExit, match="--overwrite"):
+    with pytest.raises(SystemExit) as exit_info:
         recipe.main(["--config", str(path)])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
     before = (run_dir / "manifest.json").read_text()
     recipe.main(["--config", str(path), "--overwrite"])
     assert (run_dir / "manifest.json").read_text() != before  # replaced (new timestamp)
+    assert list((root / "checkpoints" / ".tiny.versions").iterdir()) == [run_dir.resolve()]  # the old one removed
 
 
 def test_data_overrides_and_unknown_config_keys(tiny_recipe, tmp_path):
@@ -97,3 +111,105 @@ def test_data_overrides_and_unknown_config_keys(tiny_recipe, tmp_path):
                            "--test-data", str(tmp_path / "test.csv"), "--run-name", "split-files"])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["data"]["n_test"] == int((frame.split == "test").sum() / 4)
+
+
+def write_export(tag: str):
+    """A stand-in for the recipe's export writer: two files, then optionally an interrupt."""
+    def write(directory: Path) -> None:
+        (directory / "estimator.json").write_text(tag)
+        (directory / "manifest.json").write_text(tag * 2)
+    return write
+
+
+def test_an_interrupted_export_keeps_the_old_one_and_leaves_nothing(tmp_path, monkeypatch):
+    run_dir = tmp_path / "tiny"
+    recipe.export(run_dir, write_export("old"), overwrite=False)
+    before = snapshot(run_dir)
+
+    def interrupted(directory: Path) -> None:
+        write_export("new")(directory)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        recipe.export(run_dir, interrupted, overwrite=True)
+    assert snapshot(run_dir) == before
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(outputs.os, "replace", interrupt)  # just before the symlink swap
+    with pytest.raises(KeyboardInterrupt):
+        recipe.export(run_dir, write_export("new"), overwrite=True)
+    monkeypatch.undo()
+    assert snapshot(run_dir) == before
+    assert os.listdir(tmp_path / ".tiny.versions") == [os.readlink(run_dir).split("/")[-1]]
+    assert sorted(os.listdir(tmp_path)) == [".tiny.versions", "tiny"]
+
+    recipe.export(run_dir, write_export("new"), overwrite=True)
+    assert snapshot(run_dir) == {"estimator.json": b"new", "manifest.json": b"newnew"}
+    assert len(os.listdir(tmp_path / ".tiny.versions")) == 1
+
+
+def test_leftovers_of_interrupted_runs_are_cleaned(tmp_path):
+    run_dir = tmp_path / "tiny"
+    # an export of the earlier layout interrupted between its two renames: old and new export hidden
+    (tmp_path / ".tiny.old").mkdir()
+    (tmp_path / ".tiny.old" / "estimator.json").write_text("old")
+    (tmp_path / ".tiny.export").mkdir()
+    logs = []
+    recipe.clean_leftovers(run_dir, logs.append)
+    assert snapshot(run_dir) == {"estimator.json": b"old"} and "restored" in logs[0]
+    assert sorted(os.listdir(tmp_path)) == ["tiny"]
+    # a real directory at the run path becomes a version; a stale version of a killed run is removed
+    recipe.export(run_dir, write_export("new"), overwrite=True)
+    stale = outputs.new_version(run_dir)
+    (stale / "estimator.json").write_text("half")
+    recipe.clean_leftovers(run_dir)
+    assert run_dir.is_symlink() and snapshot(run_dir) == {"estimator.json": b"new", "manifest.json": b"newnew"}
+    assert os.listdir(tmp_path / ".tiny.versions") == [run_dir.resolve().name]
+
+
+def test_resume_only_on_the_same_data(tiny_recipe, tmp_path, monkeypatch):
+    root, path = tiny_recipe
+    config = load_config(path)
+    config.run_name, config.output_dir = "resume", str(tmp_path)
+    config.data.train = str(tmp_path / "table.parquet")
+    random_frame(160, 4, seed=8).to_parquet(config.data.train, index=False)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(recipe, "evaluate", interrupt)  # after training: the state holds the last epoch
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run(config, log=lambda m: None)
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run(config, log=logs.append)
+    assert any(m.startswith("resuming training") for m in logs)
+
+    frame = random_frame(160, 4, seed=8)
+    frame["source"] = [f"task{int(q[1:]) % 5}" for q in frame["query_id"]]  # another set of sources
+    frame.to_parquet(config.data.train, index=False)
+    monkeypatch.undo()
+    logs = []
+    run_dir = recipe.run(config, log=logs.append)
+    assert any("the data files changed since it was saved; training afresh" in m for m in logs)
+    assert not any(m.startswith("resuming training") for m in logs)
+    assert (run_dir / "manifest.json").exists() and not (tmp_path / ".resume.partial").exists()
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tiny_recipe, tmp_path, capsys):
+    root, path = tiny_recipe
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--config", str(tmp_path / "nope.yaml")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: config file") and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        recipe.main(["--config", str(tmp_path / "nope.yaml"), "--debug"])
+    single = tmp_path / "one.parquet"
+    frame = random_frame(40, 4, seed=1)
+    frame[frame.model == "model-0"].to_parquet(single, index=False)
+    with pytest.raises(SystemExit):
+        recipe.main(["--config", str(path), "--train-data", str(single), "--run-name", "single",
+                     "--output-dir", str(tmp_path)])
+    assert "at least two models of different mean cost" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.main(["--config", str(path), "--run-name", "../elsewhere"])
+    assert "run_name must be a plain name" in capsys.readouterr().err
