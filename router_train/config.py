@@ -35,7 +35,7 @@ class CalibrationSettings:
     """Budget calibration and evaluation of the exported strategies."""
 
     holdout: float = 0.25  # share of training queries kept from the estimator to calibrate λ/γ on
-    max_depth: int = 3
+    max_depth: int = 3  # depth cap of cascade routing; the cascades run uncapped
     budgets: int = 20
     trials: int = 30
     samples: int = 100
