@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+LOGIT_BOUND = 12.0
+"""Calibrated logits are kept within ±12 (probabilities within 6e-6 of 0 and 1)."""
 _FLOOR = 1e-10
 """−logprob is clipped here so that log(−logprob) stays finite for log-probs of exactly 0."""
 
@@ -86,7 +88,7 @@ class ConfidenceCalibrator:
         return b + (w * phi).sum(2) * (mask > 0)
 
     def transform(self, confidence: torch.Tensor, has_confidence: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """(n, k) calibrated logits; a source index beyond the fitted ones counts as unknown (0)."""
+        """(n, k) calibrated logits, within ±LOGIT_BOUND; a source index beyond the fitted ones counts as unknown (0)."""
         if self.weight.numel() == 0:
             raise RuntimeError("ConfidenceCalibrator: call fit or load_state_dict first")
         n_sources = self.weight.shape[1] - 1
@@ -94,7 +96,7 @@ class ConfidenceCalibrator:
         mask = has_confidence.float()
         phi = (confidence_transform(confidence) - self.mean) / self.std * mask.unsqueeze(2)
         one_hot = F.one_hot(source, n_sources + 1).float()
-        return self._logits(phi, mask, one_hot, self.weight, self.bias)
+        return self._logits(phi, mask, one_hot, self.weight, self.bias).clamp(-LOGIT_BOUND, LOGIT_BOUND)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "std": self.std, "weight": self.weight, "bias": self.bias}

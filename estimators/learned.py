@@ -196,7 +196,7 @@ class LearnedEstimator(QualityEstimator):
         prior = features["prior"][rows].to(device)
         calibrated = features["calibrated"][rows].to(device)
         logits, hidden = self.net(features["embedding"][rows].to(device), answers, run_d, prior, calibrated, source)
-        quality = torch.sigmoid(logits).double().cpu()
+        quality = torch.sigmoid(logits.double()).cpu()
         sigma = self.net.log_variance(hidden, run_d).mul(0.5).exp().double().cpu() * self.scale
         sigma = sigma.masked_fill(run, 0.0)
         t = run.sum(1).clamp(max=self.correlation.shape[0] - 1)

@@ -1,7 +1,9 @@
 """The learned estimator's network: an ex-ante MLP plus one transformer over model tokens that corrects
 it with whatever the run models answered, for every run set.
 
-`logit_i = prior_i + ante_i(query) + post_i(tokens) + wide_i(answers)`. The prior (an input, see
+`logit_i = prior_i + ante_i(query) + post_i(tokens) + wide_i(answers)` for a model not run, and
+`calibrated_i + wide_i(answers)` for one that ran (its answer's confidence, calibrated per model and
+source, corrected by the agreement with the others). The prior (an input, see
 `neighbors.py`) is each model's quality on the most similar training queries; the ex-ante MLP corrects
 it from the query embedding (and the source tag when one is known). Each of the k models is a token: a
 learned model embedding, the projected query, its ex-ante logit, and what is known about its answer
@@ -69,25 +71,35 @@ def token_features(
 
 def wide_size(k: int, n_sources: int) -> int:
     """Length of `wide_features` for k models and n_sources known source tags."""
-    return 7 * k + k * (n_sources + 1) + k * (k - 1)
+    return 10 * k + k * (n_sources + 1) + k * (k - 1)
 
 
 def wide_features(
-    answers: AnswerFeatures, run: torch.Tensor, calibrated: torch.Tensor, source: torch.Tensor, n_sources: int
+    answers: AnswerFeatures,
+    run: torch.Tensor,
+    calibrated: torch.Tensor,
+    prior: torch.Tensor,
+    source: torch.Tensor,
+    n_sources: int,
 ) -> torch.Tensor:
     """Post-hoc features as one flat vector (B, wide_size): per run model its run flag, calibrated
     confidence logit, agreement share with the other run models, their product, the number agreeing,
-    answer presence and length, and the agreement share per source tag (what agreeing means depends on
-    the task: 4 options or free text); per pair of run models their agreement and word overlap.
-    Zero for models not run."""
+    answer presence and length, its prior logit (so that a model's own answer can replace its prior,
+    which the logits are offset by), whether it ran alone and its calibrated logit then (with no answer
+    to compare with, its confidence is all there is), and the agreement share per source tag (what agreeing means
+    depends on the task: 4 options or free text); per pair of run models their agreement and word
+    overlap. Zero for models not run."""
     r = run.float()
     k = run.shape[1]
     pair = r.unsqueeze(2) * r.unsqueeze(1)
     agreeing = (answers.agree * pair).sum(2) - r * answers.has_answer  # other run models agreeing
     share = agreeing / (r.sum(1, keepdim=True) - 1).clamp(min=1)
     cal = r * calibrated
+    alone = r * (r.sum(1, keepdim=True) == 1)  # nothing to compare its answer with
     per_model = torch.cat(
-        [r, cal, share, share * cal, agreeing / k, r * answers.has_answer, r * answers.length / 5.0], dim=1
+        [r, cal, share, share * cal, agreeing / k, r * answers.has_answer, r * answers.length / 5.0, r * prior,
+         alone, alone * calibrated],
+        dim=1,
     )
     tag = torch.nn.functional.one_hot(source.clamp(0, n_sources), n_sources + 1).to(share.dtype)
     by_source = (share.unsqueeze(2) * tag.unsqueeze(1)).flatten(1)
@@ -124,7 +136,7 @@ class QualityNet(nn.Module):
         self.readout = nn.Parameter(torch.zeros(k, h))  # per-model correction weights, start at no correction
         # the "wide" part: a per-model logistic regression on the reference's hand features
         n_wide = wide_size(k, config.n_sources)
-        self.wide = nn.Linear(n_wide, k)
+        self.wide = nn.Linear(n_wide, 2 * k)  # per model: weights while it has not run, and once it has
         nn.init.zeros_(self.wide.weight)
         nn.init.zeros_(self.wide.bias)
         # standardization of the wide features, set from training data
@@ -157,16 +169,21 @@ class QualityNet(nn.Module):
         tokens = self.model_embedding + self.query(query).unsqueeze(1) + self.scalars(scalars) + self.pairs(pairs)
         hidden = self.norm(self.encoder(tokens) if self.encoder is not None else tokens)
         # the tokens inform models not yet run; a run model's answer speaks through the wide part
-        wide = wide_features(answers, run, calibrated, source, self.config.n_sources)
-        correction = (hidden * self.readout).sum(2) * ~run + self._wide(wide)
-        return ante + correction, hidden
+        wide = wide_features(answers, run, calibrated, prior, source, self.config.n_sources)
+        correction = (hidden * self.readout).sum(2) * ~run + self._wide(wide, run)
+        # a model that has run starts from its answer's calibrated confidence, the others from the ex-ante logit
+        return torch.where(run, calibrated, ante) + correction, hidden
 
-    def _wide(self, wide: torch.Tensor) -> torch.Tensor:
-        return self.wide((wide - self.wide_mean) / self.wide_scale)
+    def _wide(self, wide: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        """The wide regression's logits (B, k): a model's own answer changes which evidence counts, so each
+        model has one weight vector while it has not run and another once it has."""
+        free, ran = self.wide((wide - self.wide_mean) / self.wide_scale).chunk(2, dim=1)
+        return torch.where(run, ran, free)
 
-    def shallow(self, wide: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """The network's logits while its deep parts are still zero: prior plus the wide regression."""
-        return prior + self._wide(wide)
+    def shallow(self, wide: torch.Tensor, base: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        """The network's logits while its deep parts are still zero: `base` (the prior, or the calibrated
+        confidence for models that ran) plus the wide regression."""
+        return base + self._wide(wide, run)
 
     def log_variance(self, hidden: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """Log variance (B, k) of the move of each estimate when its model runs next, from detached token states."""

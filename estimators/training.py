@@ -88,7 +88,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 4
-    shallow_c: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])  # stage-0 inverse L2 strengths tried
+    shallow_c: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])  # stage-0 inverse L2 strengths tried
     source_dropout: float = 0.2  # share of training states whose source tag is hidden (serving may not know it)
     variance_epochs: int = 5
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
@@ -114,15 +114,17 @@ def fit_shallow(
     k = data.quality.shape[1]
     device = net.readout.device
 
-    def design(rows: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def design(rows: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
         index, run = sample_run_sets(len(rows), k, settings.max_depth, 4, torch.Generator().manual_seed(seed))
         rows = rows[index]
         answers = AnswerFeatures(*(getattr(data.answers, f)[rows] for f in AnswerFeatures.__dataclass_fields__))
-        wide = wide_features(answers, run, data.calibrated[rows], data.source[rows], net.config.n_sources)
-        return wide.to(device), data.prior[rows].to(device), data.quality[rows].to(device)
+        wide = wide_features(answers, run, data.calibrated[rows], data.prior[rows], data.source[rows],
+                             net.config.n_sources)
+        base = torch.where(run, data.calibrated[rows], data.prior[rows])
+        return wide.to(device), base.to(device), data.quality[rows].to(device), run.to(device)
 
-    wide, prior, target = design(fit_rows, settings.seed + 5)
-    val_wide, val_prior, val_target = design(val_rows, settings.seed + 6)
+    wide, base, target, run = design(fit_rows, settings.seed + 5)
+    val_wide, val_base, val_target, val_run = design(val_rows, settings.seed + 6)
     net.wide_mean.copy_(wide.mean(0))
     net.wide_scale.copy_(wide.std(0).clamp(min=1e-3))
     best = (math.inf, None, None)
@@ -133,14 +135,16 @@ def fit_shallow(
         penalty = 0.5 / (c * len(fit_rows))
 
         def closure() -> torch.Tensor:
+            # k independent regressions: mean loss over states summed over targets, as sklearn's per model
             optimizer.zero_grad()
-            loss = _loss(net.shallow(wide, prior), target) + penalty * net.wide.weight.pow(2).sum()
+            fitted = nn.functional.binary_cross_entropy_with_logits(net.shallow(wide, base, run), target, reduction="none")
+            loss = fitted.mean(0).sum() + penalty * net.wide.weight.pow(2).sum()
             loss.backward()
             return loss
 
         optimizer.step(closure)
         with torch.no_grad():
-            val = float(_loss(net.shallow(val_wide, val_prior), val_target))
+            val = float(_loss(net.shallow(val_wide, val_base, val_run), val_target))
         if val < best[0]:
             best = (val, c, {n: p.detach().clone() for n, p in net.wide.state_dict().items()})
     net.wide.load_state_dict(best[2])

@@ -35,7 +35,7 @@ class CalibrationSettings:
     """Budget calibration and evaluation of the exported strategies."""
 
     folds: int = 5  # λ/γ are calibrated on out-of-fold estimates of all training queries (cross-fitting)
-    max_depth: int = 3
+    max_depth: int = 3  # depth cap of cascade routing; the cascades run uncapped
     budgets: int = 20
     trials: int = 30
     samples: int = 100

@@ -5,8 +5,10 @@
 
 For each method, one strategy per budget is calibrated on the training split and scored on the test
 split (expected cost and quality, ties mixed with probability γ); the curves' AUCs come with paired
-bootstrap intervals. Writes DIR/metrics.json and DIR/curves.png: into a temporary directory beside DIR
-that replaces DIR only once complete, so an earlier report there survives any failure or interrupt.
+bootstrap intervals. `--max-depth` caps cascade routing only: routing runs one model, and both cascades
+run uncapped (up to all k models, in cost order), as in their reference implementation. Writes
+DIR/metrics.json and DIR/curves.png: into a temporary directory beside DIR that replaces DIR only
+once complete, so an earlier report there survives any failure or interrupt.
 """
 
 from __future__ import annotations
@@ -45,13 +47,22 @@ METHODS = ("routing", "threshold_cascade", "cascade", "cascade_routing")
 """Calibrated methods; `linear` (hull of single models), `oracle` (routing on the true qualities,
 calibrated on the test split: an upper bound) and `rules` (per-source policies fitted on the training
 queries, router_train/rules.py) are always reported too."""
+UNCAPPED = ("cascade", "threshold_cascade")
+"""Methods run without the depth cap: a capped cascade would only ever reach the cheapest models."""
+
+
+def method_depth(mode: str, k: int, max_depth: int) -> int:
+    """Most models `mode` may run per query with k models: 1 for routing, k for the cascades, else the cap."""
+    if mode == "routing":
+        return 1
+    return k if mode in UNCAPPED else min(max_depth, k)
 
 
 @dataclass
 class EvaluationConfig:
     """What to evaluate and how precisely."""
 
-    max_depth: int = 4
+    max_depth: int = 4  # depth cap of cascade routing (see `method_depth`)
     n_budgets: int = 20
     methods: tuple[str, ...] = METHODS
     force_order: bool = False
@@ -74,8 +85,9 @@ def run_method(
     train_sim: Simulator, test_sim: Simulator, mode: str, budgets: np.ndarray, config: EvaluationConfig
 ) -> MethodResult:
     """Calibrate `mode` on the training simulator at every budget and score each fit on the test one."""
+    depth = method_depth(mode, train_sim.k, config.max_depth)
     fits = calibrate_sweep(
-        train_sim, mode, list(budgets), max_depth=config.max_depth, force_order=config.force_order,
+        train_sim, mode, list(budgets), max_depth=depth, force_order=config.force_order,
         config=config.calibration,
     )
     outcomes = [test_sim.expected(f.strategy) for f in fits]
@@ -104,6 +116,8 @@ def evaluate(
 
     `calibration_estimator` (default: `estimator`) gives the estimates λ/γ are calibrated on, e.g. the
     out-of-fold estimates of a `CrossFitted` estimator of `train`.
+
+    Its `max_depth` is the depth cap of cascade routing, `method_depth` the most models each method may run.
     """
     if train.models != test.models:
         raise ValueError(f"train and test tables have different models: {train.models} vs {test.models}")
@@ -146,6 +160,7 @@ def evaluate(
         "n_test": test.n,
         "budgets": [float(b) for b in budgets],
         "max_depth": config.max_depth,
+        "method_depth": {name: results[name].strategies[0].max_depth for name in ["oracle", *config.methods]},
         "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in ["oracle", "rules", *config.methods]},
         "single_models": {m: {"cost": float(c), "quality": float(q)} for m, (c, q) in zip(test.models, test_points)},
     }
@@ -179,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "all training queries from this many folds; the tested estimator is fitted on all of them")
     p.add_argument("--models", help="comma-separated model names to keep (default: all)")
     p.add_argument("--missing", default="error", choices=["error", "drop"], help="queries lacking some model's row")
-    p.add_argument("--max-depth", type=int, default=4, help="most models run per query (default 4)")
+    p.add_argument("--max-depth", type=int, default=4,
+                   help="most models cascade routing runs per query (default 4); the cascades run uncapped")
     p.add_argument("--budgets", type=int, default=20, help="number of budgets on the curve (default 20)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--force-order", action="store_true", help="cascade routing runs models in cost order only")

@@ -155,7 +155,7 @@ class Simulator:
             strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k), strategy.sigma_scale, t
         )
         store = self._store(self._candidates, structure, t)
-        chunk = chunk_rows(self.k, t, strategy.max_depth, self.kernel)
+        chunk = chunk_rows(self.k, t, strategy, self.kernel)
 
         def compute(rows, run):
             parts = []

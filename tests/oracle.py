@@ -1,8 +1,8 @@
 """A plain per-query implementation of the cascade-routing rule, used as the kernel's correctness oracle.
 
 It enumerates every candidate supermodel of one query with itertools and evaluates each with numpy,
-exactly as method.md states the rule, with the same QMC samples, tie tolerance and order of candidates
-as the kernel. Slow on purpose: it is the reference the vectorized kernel must agree with.
+exactly as method.md states the rule, with the same QMC samples (zero column means), tie tolerance and
+order of candidates as the kernel. Slow on purpose: it is the reference the vectorized kernel must agree with.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def decide_one(
     free = [i for i in range(k) if i not in run]
     candidates = []  # (tau, cost, added models)
     for size in range(0, depth - t + 1):
-        for added in itertools.combinations(free, size):
+        # the optimal cascade's supermodels are prefixes of the model order: only those need listing
+        subsets = [tuple(free[:size])] if mode == "cascade" else itertools.combinations(free, size)
+        for added in subsets:
             if t == 0 and size == 0:
                 continue
             if force_order and t > 0 and added and min(added) < max(run):
@@ -71,7 +73,8 @@ def decide_one(
             members = run + list(added)
             if mode == "cascade" and sorted(members) != list(range(len(members))):
                 continue
-            value = x[:, members].max(axis=1).mean()
+            # E[max] of one model is its estimate; of several, the mean of the samples' maxima
+            value = quality[members[0]] if len(members) == 1 else x[:, members].max(axis=1).mean()
             total = float(np.sum(cost[members]))
             candidates.append((value - lambdas[t] * total, total, added))
     best = max(c[0] for c in candidates)

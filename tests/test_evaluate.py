@@ -55,6 +55,12 @@ def test_cli_writes_metrics_and_plot(table_path, tmp_path, capsys):
     assert [s["budget"] for s in metrics["strategies"]["rules"]] == metrics["budgets"]
     assert metrics["models"] == [f"model-{j}" for j in range(5)]
     assert (metrics["n_train"], metrics["n_test"]) == (84, 36)
+    # --max-depth caps cascade routing only; the cascades run uncapped, through all 5 models
+    assert metrics["max_depth"] == 3
+    assert metrics["method_depth"] == {"oracle": 1, "routing": 1, "threshold_cascade": 5, "cascade": 5,
+                                       "cascade_routing": 3}
+    for name, depth in metrics["method_depth"].items():
+        assert {s["max_depth"] for s in metrics["strategies"][name]} == {depth}
     assert metrics["auc"]["oracle"] >= max(metrics["auc"][m] for m in names - {"oracle"}) - 1e-9
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wall time:" in capsys.readouterr().out

@@ -94,6 +94,15 @@ def test_bad_input_names_the_query_and_field(router, queries, observed, message)
         router.route_batch(queries, observed)
 
 
+@pytest.mark.parametrize("mode", ["cascade", "threshold_cascade"])
+def test_cascades_are_served_uncapped(router, mode):
+    """The export's cascades may run all 4 models although cascade routing is capped at 3."""
+    assert router.strategy(mode=mode).max_depth == len(router.models) == 4
+    observed = [[{"model": m, "answer": "A", "confidence": -2.0} for m in router.models[:3]]]
+    decision = router.route_batch(["what is one plus two"], observed, mode=mode)[0]
+    assert decision.step == 3 and decision.next_model in (None, router.models[3])
+
+
 def test_cascade_mode_needs_runs_in_cost_order(router):
     with pytest.raises(ValueError, match="query 0 is not a prefix"):
         router.route_batch(["x"], [[{"model": router.models[2]}]], mode="cascade")

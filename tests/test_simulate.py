@@ -54,7 +54,9 @@ STRATEGIES = [
     Strategy("cascade_routing", 3, lambdas=[1500.0, 500.0, 4000.0]),
     Strategy("cascade_routing", 4, lambdas=[800.0] * 4, force_order=True),
     Strategy("cascade", 4, lambdas=[1000.0, 2000.0, 100.0, 5000.0]),
+    Strategy("cascade", 5, lambdas=[300.0, 0.0, 100.0, 50.0, 10.0]),  # uncapped: all k = 5 models
     Strategy("threshold_cascade", 4, thresholds=[0.4, 0.3, 0.1]),
+    Strategy("threshold_cascade", 5, thresholds=[0.4, 0.5, 0.3, 0.6]),
     Strategy("cascade_routing", 5, lambdas=[1e7] * 5),
 ]
 
@@ -156,3 +158,17 @@ def test_calibrating_sigma_scales_keeps_the_best(setup):
     assert several.strategy.sigma_scale in (0.0, 0.5, 1.0)
     cost, quality = sim.expected(several.strategy)
     assert float(quality.mean()) == pytest.approx(several.quality, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["threshold_cascade", "cascade"])
+def test_uncapped_cascades_calibrate_with_29_models(mode):
+    """k = 29, uncapped (TPE over 28 thresholds or 29 λs): the fit keeps to the budget and runs
+    models a depth cap of 3 would never reach."""
+    table = random_table(60, 29, seed=5)
+    sim = Simulator(table, NoisyEstimator("medium", seed=1).fit(table), kernel=KERNEL)
+    budget = float(table.cost.mean(0)[:6].sum())  # enough to run the six cheapest models
+    fit = calibrate(sim, mode, budget, max_depth=29, config=CalibrationConfig(n_trials=8, seed=0))
+    params = fit.strategy.thresholds if mode == "threshold_cascade" else fit.strategy.lambdas
+    assert fit.strategy.max_depth == 29 and len(params) == (28 if mode == "threshold_cascade" else 29)
+    assert fit.cost <= budget * (1 + 1e-9)
+    assert int(sim.run(fit.strategy).run.sum(1).max()) > 3

@@ -55,6 +55,8 @@ def test_recipe_exports_a_loadable_run(tiny_recipe, capsys):
     assert manifest["models"] == [f"model-{j}" for j in range(4)]
     assert manifest["max_depth"] == 2 and len(manifest["budgets"]) == 3
     assert set(manifest["strategies"]) == {"routing", "threshold_cascade", "cascade", "cascade_routing"}
+    depths = {mode: {s["max_depth"] for s in fits} for mode, fits in manifest["strategies"].items()}
+    assert depths == {"routing": {1}, "threshold_cascade": {4}, "cascade": {4}, "cascade_routing": {2}}
     assert all(len(s) == 3 and s[0]["budget"] == manifest["budgets"][0] for s in manifest["strategies"].values())
     assert manifest["package_version"] and manifest["encoder"]["revision"]
     metrics = json.loads((run_dir / "metrics.json").read_text())

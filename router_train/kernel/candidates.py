@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .expected_max import absolute_masks, expected_max, sample_qualities
-from .subsets import SubsetTable, subset_table
+from .subsets import SubsetTable, prefix_table, subset_table
 
 TIE_TOL = 1e-6
 """Two supermodels tie when their values `E[max] - λ cost` differ by at most this much."""
@@ -96,14 +96,16 @@ def build_candidates(
     """Value and cost of every allowed supermodel for B queries with the same number t < max_depth of run models.
 
     `factor` is a Cholesky factor `(B, k, k)`, standard deviations `(B, k)` for a diagonal Σ, or None
-    (then the value of a supermodel is the max of its point estimates). `prefix_only` restricts the
-    candidates to prefixes `{m_0..m_j}` of the model order (the paper's optimal cascade); `force_order`
-    to supermodels whose added models all come after the last run one.
+    (then the value of a supermodel is the max of its point estimates). A one-model supermodel is
+    valued at that model's estimate exactly, as without Σ. `prefix_only` restricts the candidates to
+    prefixes `{m_0..m_j}` of the model order (the paper's optimal cascade; the run set must be a prefix),
+    enumerated on their own so the work is linear in k; `force_order` to supermodels whose added models
+    all come after the last run one.
     """
     b, k = quality.shape
     device = quality.device
     t = int(run[0].sum()) if b else 0
-    table = subset_table(k - t, max_depth - t)
+    table = (prefix_table if prefix_only else subset_table)(k - t, max_depth - t)
     comp = free_models(run)
     if t == 0:  # the same candidates for every row: compute their masks once
         masks = absolute_masks(run[:1], comp[:1], table).expand(b, -1)
@@ -111,14 +113,14 @@ def build_candidates(
         masks = absolute_masks(run, comp, table)
     x = sample_qualities(quality, factor, z)
     value = expected_max(x, run, comp, table, method, masks)
+    if factor is not None:
+        exact_singletons(value, quality, run, comp, table, t)
 
     total_cost = supermodel_costs(cost, run, comp, table)
 
     structural = torch.ones(table.count, dtype=torch.bool, device=device)
     if t == 0:
         structural[0] = False
-    if prefix_only:
-        structural &= table.prefix_len.to(device) >= 0
     valid = structural.expand(b, -1)
     if force_order and t > 0:
         first = table.first.to(device)
@@ -128,8 +130,20 @@ def build_candidates(
     return Candidates(t, table, comp, masks[:, 0], value, total_cost, valid)
 
 
+def exact_singletons(
+    value: torch.Tensor, quality: torch.Tensor, run: torch.Tensor, comp: torch.Tensor, table: SubsetTable, t: int
+) -> None:
+    """Set the value of every one-model supermodel to that model's estimate, in place: its expected max
+    is exactly q̂, and the samples' average would add their rounding error."""
+    if t == 0:
+        single = table.level(1)
+        value[:, single] = quality.gather(1, comp.index_select(1, table.first[single].to(comp.device)))
+    elif t == 1:
+        value[:, 0] = quality[run]
+
+
 def supermodel_costs(cost: torch.Tensor, run: torch.Tensor, comp: torch.Tensor, table: SubsetTable) -> torch.Tensor:
-    """Estimated cost (float64) of every candidate `R ∪ T`: cost(T) = cost(parent(T)) + cost of its first model."""
+    """Estimated cost (float64) of every candidate `R ∪ T`: cost(T) = cost(parent(T)) + cost of its added model."""
     cost64 = cost.to(torch.float64)
     free_cost = cost64.gather(1, comp)
     out = torch.empty(cost.shape[0], table.count, dtype=torch.float64, device=cost.device)
@@ -137,8 +151,8 @@ def supermodel_costs(cost: torch.Tensor, run: torch.Tensor, comp: torch.Tensor, 
     for s in range(1, table.max_size + 1):
         sl = table.level(s)
         parent = table.parent[sl].to(cost.device)
-        first = table.first[sl].to(cost.device)
-        out[:, sl] = out.index_select(1, parent) + free_cost.index_select(1, first)
+        added = table.added[sl].to(cost.device)
+        out[:, sl] = out.index_select(1, parent) + free_cost.index_select(1, added)
     return out
 
 

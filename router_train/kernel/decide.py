@@ -140,11 +140,14 @@ CHUNK_ELEMENTS = 1 << 22
 """Largest per-chunk working set (elements) of the expected-max backends: keeps memory bounded."""
 
 
-def chunk_rows(k: int, t: int, max_depth: int, config: KernelConfig) -> int:
+def chunk_rows(k: int, t: int, strategy: Strategy, config: KernelConfig) -> int:
     """Queries per chunk at step t: `config.chunk_size`, fewer when each query's working set is large."""
-    depth = min(max_depth, k)
-    table_size = count_subsets(k - t, depth - t)
-    per_row = max(table_size * config.n_samples, (1 << k) if k <= ZETA_MAX_MODELS else 0)
+    depth = min(strategy.max_depth, k)
+    if strategy.mode == "cascade":  # prefixes only: the `levels` backend unless `zeta` is asked for
+        table_size, zeta = depth - t + 1, config.method == "zeta"
+    else:
+        table_size, zeta = count_subsets(k - t, depth - t), config.method != "levels"
+    per_row = max(table_size * config.n_samples, (1 << k) if zeta and k <= ZETA_MAX_MODELS else 0)
     return max(1, min(config.chunk_size, CHUNK_ELEMENTS // per_row))
 
 
@@ -176,7 +179,7 @@ def decide(
     supermodel = run_masks(run)
     for t in range(min(strategy.max_depth, k)):
         group = (t_all == t).nonzero().squeeze(1)
-        chunk = chunk_rows(k, t, strategy.max_depth, config)
+        chunk = chunk_rows(k, t, strategy, config)
         for start in range(0, group.numel(), chunk):
             rows = group[start : start + chunk]
             if strategy.mode == "threshold_cascade":

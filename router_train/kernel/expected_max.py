@@ -1,7 +1,7 @@
 """Expected max `E[max_{i in S} X_i]` of sampled qualities for every candidate supermodel of a step.
 
 Two exact ways to batch it (see `docs/kernel-notes` in the design notes):
-- `levels`: walk the subsets level by level, `max(S) = max(max(parent(S)), X_first(S))`. Work and
+- `levels`: walk the subsets level by level, `max(S) = max(max(parent(S)), X_added(S))`. Work and
   memory scale with the number of depth-capped candidates: the choice for many models.
 - `zeta`: per sample sort the k values and telescope, then one subset-sum (zeta) transform over all
   `2^k` masks gives every expected max at once. Work ~ `n_s k log k + k 2^k`: fastest for small k.
@@ -45,8 +45,8 @@ def absolute_masks(run: torch.Tensor, comp: torch.Tensor, table: SubsetTable) ->
     for s in range(1, table.max_size + 1):
         sl = table.level(s)
         parent = table.parent[sl].to(run.device)
-        first = table.first[sl].to(run.device)
-        out[:, sl] = out.index_select(1, parent) | comp_bits.index_select(1, first)
+        added = table.added[sl].to(run.device)
+        out[:, sl] = out.index_select(1, parent) | comp_bits.index_select(1, added)
     return out
 
 
@@ -62,8 +62,8 @@ def _levels(x: torch.Tensor, run: torch.Tensor, comp: torch.Tensor, table: Subse
     for size in range(1, table.max_size + 1):
         sl = table.level(size)
         parent = table.parent[sl].to(device)
-        first = table.first[sl].to(device)
-        v[:, sl] = torch.maximum(v.index_select(1, parent), xc.index_select(1, first))
+        added = table.added[sl].to(device)
+        v[:, sl] = torch.maximum(v.index_select(1, parent), xc.index_select(1, added))
     return v.mean(2)
 
 

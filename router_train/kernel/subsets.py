@@ -4,6 +4,10 @@ At a step with `t` models already run, a candidate supermodel is `R ∪ T` with 
 `n = k - t` models not yet run (taken in ascending model index) and `|T| <= max_size`. Subsets are
 listed by size, then in `itertools.combinations` order, so index 0 is the empty set (stop) and every
 subset's parent (itself without its lowest element) comes before it.
+
+The optimal cascade only ever runs prefixes of the model order, so its candidates are the prefixes
+`{0..j-1}` of the free models alone: `prefix_table` lists those in the same layout (one subset per
+level, parent = the prefix one shorter), so the same kernel code walks them with work linear in n.
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ import torch
 
 @dataclass(frozen=True)
 class SubsetTable:
-    """All subsets of `range(n)` with at most `max_size` elements, with the indices the kernel needs."""
+    """Subsets of `range(n)` with at most `max_size` elements, with the indices the kernel needs.
+
+    The kernel walks them level by level: a subset is its parent plus the element `added`.
+    """
 
     n: int
     max_size: int
     bits: torch.Tensor  # (M, n) bool: membership
     size: torch.Tensor  # (M,) long
     first: torch.Tensor  # (M,) long: lowest element, -1 for the empty set
-    parent: torch.Tensor  # (M,) long: index of the subset without its lowest element, -1 for empty
+    parent: torch.Tensor  # (M,) long: index of the subset one element smaller it is built from, -1 for empty
+    added: torch.Tensor  # (M,) long: the element of the subset not in its parent, -1 for the empty set
     prefix_len: torch.Tensor  # (M,) long: j if the subset is {0..j-1}, else -1
     level_starts: tuple[int, ...]  # level_starts[s]: index of the first subset of size s; len max_size + 2
 
@@ -69,4 +77,18 @@ def subset_table(n: int, max_size: int) -> SubsetTable:
         if sub == tuple(range(len(sub))):
             prefix_len[i] = len(sub)
     size = bits.sum(1)
-    return SubsetTable(n, max_size, bits, size, first, parent, prefix_len, tuple(level_starts))
+    # the parent is the subset without its lowest element, so the added element is the lowest one
+    return SubsetTable(n, max_size, bits, size, first, parent, first, prefix_len, tuple(level_starts))
+
+
+@functools.lru_cache(maxsize=128)
+def prefix_table(n: int, max_size: int) -> SubsetTable:
+    """The table of the prefixes `{0..j-1}`, j = 0..min(n, max_size), of `n` free models (a cascade's candidates)."""
+    if n < 0 or max_size < 0:
+        raise ValueError(f"prefix_table needs n >= 0 and max_size >= 0, got n={n}, max_size={max_size}")
+    max_size = min(max_size, n)
+    size = torch.arange(max_size + 1)
+    bits = torch.arange(n).unsqueeze(0) < size.unsqueeze(1)
+    first = torch.where(size > 0, 0, -1)
+    parent = size - 1  # the prefix one shorter: the added element is the last one
+    return SubsetTable(n, max_size, bits, size, first, parent, size - 1, size.clone(), tuple(range(max_size + 2)))
