@@ -71,7 +71,7 @@ def token_features(
 
 def wide_size(k: int, n_sources: int) -> int:
     """Length of `wide_features` for k models and n_sources known source tags."""
-    return 10 * k + k * (n_sources + 1) + k * (k - 1)
+    return 11 * k + k * (n_sources + 1) + k * (k - 1) // 2
 
 
 def wide_features(
@@ -86,28 +86,28 @@ def wide_features(
     confidence logit, agreement share with the other run models, their product, the number agreeing,
     answer presence and length, its prior logit (so that a model's own answer can replace its prior,
     which the logits are offset by), whether it ran alone and its calibrated logit then (with no answer
-    to compare with, its confidence is all there is), and the agreement share per source tag (what agreeing means
-    depends on the task: 4 options or free text); per pair of run models their agreement and word
-    overlap. Zero for models not run."""
+    to compare with, its confidence is all there is), its mean word overlap with the other run models'
+    answers, and the agreement share per source tag (what agreeing means depends on the task: 4 options
+    or free text); per pair of run models whether they agree. Zero for models not run."""
     r = run.float()
     k = run.shape[1]
     pair = r.unsqueeze(2) * r.unsqueeze(1)
     agreeing = (answers.agree * pair).sum(2) - r * answers.has_answer  # other run models agreeing
-    share = agreeing / (r.sum(1, keepdim=True) - 1).clamp(min=1)
+    others = (r.sum(1, keepdim=True) - 1).clamp(min=1)
+    share = agreeing / others
+    overlap_share = ((answers.overlap * pair).sum(2) - r * answers.has_answer) / others
     cal = r * calibrated
     alone = r * (r.sum(1, keepdim=True) == 1)  # nothing to compare its answer with
     per_model = torch.cat(
         [r, cal, share, share * cal, agreeing / k, r * answers.has_answer, r * answers.length / 5.0, r * prior,
-         alone, alone * calibrated],
+         alone, alone * calibrated, overlap_share],
         dim=1,
     )
     tag = torch.nn.functional.one_hot(source.clamp(0, n_sources), n_sources + 1).to(share.dtype)
     by_source = (share.unsqueeze(2) * tag.unsqueeze(1)).flatten(1)
     upper = torch.triu_indices(k, k, offset=1, device=run.device)
-    both = r[:, upper[0]] * r[:, upper[1]]
-    agree = answers.agree[:, upper[0], upper[1]] * both
-    overlap = answers.overlap[:, upper[0], upper[1]] * both
-    return torch.cat([per_model, by_source, agree, overlap], dim=1)
+    agree = answers.agree[:, upper[0], upper[1]] * r[:, upper[0]] * r[:, upper[1]]
+    return torch.cat([per_model, by_source, agree], dim=1)
 
 
 class QualityNet(nn.Module):

@@ -88,7 +88,8 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 4
-    shallow_c: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])  # stage-0 inverse L2 strengths tried
+    shallow_c: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # stage-0 inverse L2 strengths tried
+    shallow_states: int = 20_000  # most training states stage 0 fits on
     source_dropout: float = 0.2  # share of training states whose source tag is hidden (serving may not know it)
     variance_epochs: int = 5
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
@@ -109,13 +110,19 @@ def fit_shallow(
     net: QualityNet, data: QualityData, fit_rows: torch.Tensor, val_rows: torch.Tensor, settings: TrainSettings
 ) -> float:
     """Stage 0: fit the wide regression (the deep parts are still zero) to convergence by L-BFGS, like the
-    reference's logistic regressions, for each L2 strength of `settings.shallow_c`; keep the one with the
-    lowest loss on the held-back rows' states. Returns the chosen C."""
+    reference's logistic regressions, for each L2 strength of `settings.shallow_c` (strongest first, each
+    fit starting from the previous one); keep the one with the lowest loss on the held-back rows' states.
+    At most `settings.shallow_states` training states are used (a seeded subsample), which bounds the
+    cost for many models and queries. Returns the chosen C."""
     k = data.quality.shape[1]
     device = net.readout.device
 
     def design(rows: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
-        index, run = sample_run_sets(len(rows), k, settings.max_depth, 4, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        index, run = sample_run_sets(len(rows), k, settings.max_depth, 4, generator)
+        if index.numel() > settings.shallow_states:
+            keep = torch.randperm(index.numel(), generator=generator)[: settings.shallow_states].sort().values
+            index, run = index[keep], run[keep]
         rows = rows[index]
         answers = AnswerFeatures(*(getattr(data.answers, f)[rows] for f in AnswerFeatures.__dataclass_fields__))
         wide = wide_features(answers, run, data.calibrated[rows], data.prior[rows], data.source[rows],
@@ -128,9 +135,9 @@ def fit_shallow(
     net.wide_mean.copy_(wide.mean(0))
     net.wide_scale.copy_(wide.std(0).clamp(min=1e-3))
     best = (math.inf, None, None)
-    for c in settings.shallow_c:
-        nn.init.zeros_(net.wide.weight)
-        nn.init.zeros_(net.wide.bias)
+    nn.init.zeros_(net.wide.weight)
+    nn.init.zeros_(net.wide.bias)
+    for c in sorted(settings.shallow_c):
         optimizer = torch.optim.LBFGS(list(net.wide.parameters()), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
         penalty = 0.5 / (c * len(fit_rows))
 
