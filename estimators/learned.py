@@ -57,7 +57,7 @@ class LearnedConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     val_fraction: float = 0.15  # held-back training rows: early stopping and Σ calibration
     coverage: float = 0.9  # stated coverage of the intervals q̂ ± z σ
-    neighbors: int = 30  # training queries the prior is read from (0: per-source means; 0 when fine-tuning)
+    neighbors: int = 0  # training queries the prior is read from (0: per-source means; 0 when fine-tuning)
     neighbor_shrink: float = 20.0
     embedding_cache: str | None = ".cache/embeddings"
 

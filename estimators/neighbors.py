@@ -23,14 +23,17 @@ class NeighborPrior:
         self.n_neighbors, self.shrink = n_neighbors, shrink
 
     def fit(self, embedding: torch.Tensor, quality: torch.Tensor, source: torch.Tensor, n_sources: int) -> "NeighborPrior":
-        """Remember the training queries; `source` holds tag indices (0 = unknown, 1..n_sources)."""
-        self.bank = torch.nn.functional.normalize(embedding.float(), dim=1)
-        self.quality = quality.float()
-        self.source = source.long()
-        overall = self.quality.mean(0)
-        one_hot = torch.nn.functional.one_hot(self.source, n_sources + 1).float()
+        """Remember the training queries (none when the prior is the per-tag mean); `source` holds tag
+        indices (0 = unknown, 1..n_sources)."""
+        keep = slice(None) if self.n_neighbors else slice(0)
+        self.bank = torch.nn.functional.normalize(embedding.float(), dim=1)[keep]
+        self.quality = quality.float()[keep]
+        self.source = source.long()[keep]
+        quality = quality.float()
+        overall = quality.mean(0)
+        one_hot = torch.nn.functional.one_hot(source.long(), n_sources + 1).float()
         count = one_hot.sum(0).unsqueeze(1)
-        self.source_mean = (one_hot.t() @ self.quality + 10.0 * overall) / (count + 10.0)
+        self.source_mean = (one_hot.t() @ quality + 10.0 * overall) / (count + 10.0)
         self.source_mean[0] = overall
         return self
 
