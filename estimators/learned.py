@@ -51,7 +51,7 @@ class LearnedConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     finetune: bool = False  # LoRA fine-tuning of the encoder (encoder.lora or default LoraSettings)
     hidden: int = 128
-    layers: int = 2
+    layers: int = 0  # attention layers between the model tokens (0: tokens without attention; see benchmarks/ablation.py)
     heads: int = 4
     dropout: float = 0.1
     train: TrainSettings = field(default_factory=TrainSettings)
