@@ -31,7 +31,7 @@ def tiny_export(tmp_path_factory):
             "hidden": 16, "layers": 1, "heads": 2, "embedding_cache": None,
             "train": {"epochs": 3, "per_row": 2, "batch_size": 64, "variance_epochs": 1},
         },
-        "calibration": {"budgets": 5, "trials": 3, "samples": 16, "bootstrap": 20, "max_depth": 3},
+        "calibration": {"budgets": 5, "trials": 3, "samples": 16, "bootstrap": 20, "max_depth": 3, "folds": 2},
         "wandb": {"mode": "disabled"},
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))

@@ -15,7 +15,7 @@ from router_train import evaluate as evaluate_cli
 from router_train.rules import RulesBaseline
 from router_train.table import load_table
 
-TINY = ["--budgets", "4", "--trials", "3", "--samples", "16", "--bootstrap", "50", "--max-depth", "3"]
+TINY = ["--budgets", "4", "--trials", "3", "--samples", "16", "--bootstrap", "50", "--max-depth", "3", "--folds", "2"]
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -37,7 +37,7 @@ def tiny_recipe(tmp_path_factory):
             "embedding_cache": str(root / "cache"),
             "train": {"epochs": 2, "per_row": 2, "batch_size": 64, "variance_epochs": 1},
         },
-        "calibration": {"budgets": 3, "trials": 2, "samples": 16, "bootstrap": 20, "max_depth": 2},
+        "calibration": {"budgets": 3, "trials": 2, "samples": 16, "bootstrap": 20, "max_depth": 2, "folds": 2},
         "wandb": {"mode": "disabled"},
     }
     path = root / "tiny.yaml"
