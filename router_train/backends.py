@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from .config import from_dict
+from .dataclass_dicts import from_dict
 
 EXTRACTORS = ("choice", "number", "last_line", "whole")
 """How the final answer is read from a response (router_train.live): the multiple-choice letter, the last
