@@ -1,17 +1,20 @@
 """Real HTTP on loopback for the serving tests and benchmarks: a fake OpenAI-compatible backend (FastAPI)
-with deterministic answers and log-probabilities, and uvicorn servers run in background threads."""
+with deterministic answers and log-probabilities, run in a background thread or in its own process (so
+that it does not share the test's interpreter lock), and uvicorn servers run in background threads."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import re
-import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -35,7 +38,8 @@ def default_answer(model: str, prompt: str) -> Answer:
 
 class FakeBackend:
     """Serves every model id it is asked for. `delay[id]` seconds of latency, ids in `down` answer 500,
-    `errors[id]` lists statuses to answer before succeeding (429, 503, ...); `calls` counts calls per id."""
+    `errors[id]` lists statuses to answer before succeeding (429, 503, ...); `calls` counts calls per id.
+    `POST /control` with any of `{"delay", "down", "errors"}` replaces them; `GET /control` gives `calls`."""
 
     def __init__(self, answer: Callable[[str, str], Answer] = default_answer) -> None:
         self.answer = answer
@@ -45,6 +49,18 @@ class FakeBackend:
         self.calls: Counter = Counter()
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self.complete)
+        self.app.post("/control")(self.control)
+        self.app.get("/control")(self.counts)
+
+    async def control(self, request: Request):
+        state = await request.json()
+        self.delay = state.get("delay", self.delay)
+        self.down = set(state.get("down", self.down))
+        self.errors = state.get("errors", self.errors)
+        return {"ok": True}
+
+    async def counts(self):
+        return {"calls": dict(self.calls)}
 
     async def complete(self, request: Request):
         body = await request.json()
@@ -75,19 +91,17 @@ class ServerThread:
     """An ASGI app served by uvicorn on 127.0.0.1 (a free port) in a daemon thread."""
 
     def __init__(self, app, **config) -> None:
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(("127.0.0.1", 0))
-        self.port = self.socket.getsockname()[1]
-        config = {"log_level": "warning", "access_log": False, "backlog": 4096, **config}
+        config = {"host": "127.0.0.1", "port": 0, "log_level": "warning", "access_log": False, "backlog": 4096,
+                  **config}
         self.server = uvicorn.Server(uvicorn.Config(app, **config))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -96,4 +110,31 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
-        self.socket.close()
+
+
+class FakeProcess:
+    """A `FakeBackend` (default answers) in a child process; `control(...)` posts to its /control."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, __file__], stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if not line.strip().isdigit():
+            self.process.kill()
+            raise RuntimeError("the fake backend process did not start")
+        self.url = f"http://127.0.0.1:{line.strip()}"
+
+    def control(self, **state) -> None:
+        httpx.post(self.url + "/control", json=state, timeout=10).raise_for_status()
+
+    def calls(self) -> dict[str, int]:
+        return httpx.get(self.url + "/control", timeout=10).json()["calls"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+if __name__ == "__main__":
+    server = ServerThread(FakeBackend().app)
+    print(server.port, flush=True)
+    server.thread.join()
