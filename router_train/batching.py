@@ -32,7 +32,7 @@ class _Job:
 class Batcher:
     """Routes the queries of concurrent requests together; `start()` and `close()` inside the event loop."""
 
-    def __init__(self, router: CascadeRouter, telemetry: Telemetry, *, max_wait: float = 0.002,
+    def __init__(self, router: CascadeRouter, telemetry: Telemetry, *, max_wait: float = 0.0,
                  max_batch: int = 2048, chunk: int = 256) -> None:
         if max_wait < 0 or max_batch < 1 or chunk < 1:
             raise ValueError("max_wait must be >= 0 and max_batch, chunk >= 1")
@@ -67,6 +67,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self._queue.get()]
+            await asyncio.sleep(0)  # let requests that are ready to queue do so first
             size, deadline = len(jobs[0].queries), loop.time() + self.max_wait
             while size < self.max_batch:
                 if self._queue.empty():

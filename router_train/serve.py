@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -154,7 +156,7 @@ def make_app(
     backends: Backends | None = None,
     *,
     model_id: str | None = None,
-    max_wait: float = 0.002,
+    max_wait: float = 0.0,
     max_batch: int = 2048,
     chunk: int = 256,
     max_queries: int = MAX_QUERIES,
@@ -203,13 +205,17 @@ def make_app(
     async def invalid(request: Request, error: RequestValidationError):
         return error_response(request.url.path, 400, describe_errors(error.errors()))
 
+    @functools.lru_cache(maxsize=1024)
+    def checked(budget: float | None, mode: str | None) -> tuple[float, str]:
+        return router.strategy(budget, mode).budget, mode or router.mode
+
     def settings(budget: float | None, mode: str | None) -> tuple[float, str]:
-        """The request's budget and mode, defaults filled in, checked against the checkpoint."""
+        """The request's budget and mode, defaults filled in, checked against the checkpoint (cached: most
+        requests use a few)."""
         try:
-            strategy = router.strategy(budget, mode)
+            return checked(budget, mode)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        return strategy.budget, mode or router.mode
 
     errors = {400: {"description": "invalid input"}, 413: {"description": "body or batch too large"}}
 
@@ -306,12 +312,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, help="default budget (USD per query); default: mid-range")
     p.add_argument("--mode", default="cascade_routing", choices=SERVING_MODES)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when sharing the CPU)")
     p.add_argument("--model-id", help="the router's model id in /v1 (default: router-train/<checkpoint name>)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a request may wait for others to batch with")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a request may wait for others to batch with")
     p.add_argument("--max-queries", type=int, default=MAX_QUERIES, help="most queries per /route_batch request")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY / 2**20, help="largest request body (MiB)")
     add_debug_flag(p)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with user_errors(args.debug):
         router = CascadeRouter.load(args.checkpoint, device=args.device, budget=args.budget, mode=args.mode)
         backends = load_backends(args.backends, router.models) if args.backends else None

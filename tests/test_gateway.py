@@ -110,11 +110,16 @@ def test_a_thousand_concurrent_chat_requests(stack):
     router, fake, url = stack
     prompts = [f"question {i} about the dog and the cat" for i in range(1000)]
 
-    async def run():
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    async def run():  # 10 clients of 100 connections each: one pool of 1,000 costs the client O(n²) scans
+        clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+                   for _ in range(10)]
+        try:
             return await asyncio.gather(*(
-                c.chat.completions.create(model=ROUTER_ID, messages=[{"role": "user", "content": p}])
-                for p in prompts))
+                clients[i % 10].chat.completions.create(model=ROUTER_ID, messages=[{"role": "user", "content": p}])
+                for i, p in enumerate(prompts)))
+        finally:
+            for c in clients:
+                await c.close()
 
     start = time.perf_counter()
     responses = asyncio.run(run())
