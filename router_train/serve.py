@@ -177,7 +177,7 @@ def make_app(
         state["batcher"] = batcher = Batcher(router, telemetry, max_wait=max_wait, max_batch=max_batch, chunk=chunk)
         batcher.start()
         if backends is not None:
-            state["pool"] = pool = Pool(backends)
+            pool = Pool(backends)
             state["gateway"] = Gateway(router, batcher, pool, telemetry, model_id)
         try:
             yield
@@ -276,6 +276,8 @@ def make_app(
                 raise ApiError(e.status, str(e)) from None
             except ValueError as e:
                 raise ApiError(400, str(e)) from None
+            except Exception as e:  # noqa: BLE001 - this request alone failed; the server goes on
+                raise ApiError(500, f"routing this request failed: {type(e).__name__}: {e}") from None
             if not body.stream:
                 return JSONResponse(completion)
             usage = bool((body.stream_options or {}).get("include_usage"))

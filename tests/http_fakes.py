@@ -19,8 +19,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-Answer = tuple[str, list[tuple[str, float]], int]
-"""A response: its text, its tokens with their log-probabilities (spelling the text), prompt tokens."""
+Answer = tuple[str, list[tuple[str, float]], int] | tuple[str, list[tuple[str, float]], int, int]
+"""A response: its text, its tokens with their log-probabilities (spelling the text), prompt tokens, and
+optionally completion tokens (default: the number of tokens)."""
 
 
 def digest(text: str) -> str:
@@ -72,7 +73,8 @@ class FakeBackend:
             status = self.errors[model].pop(0) if self.errors.get(model) else 500
             return JSONResponse({"error": {"message": f"{model} is unavailable", "type": "server_error"}}, status)
         prompt = "\n".join(m["content"] for m in body["messages"])
-        text, tokens, prompt_tokens = self.answer(model, prompt)
+        text, tokens, prompt_tokens, *completion = self.answer(model, prompt)
+        completion_tokens = completion[0] if completion else len(tokens)
         logprobs = None
         if body.get("logprobs"):
             content = [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in tokens]
@@ -82,8 +84,8 @@ class FakeBackend:
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": logprobs, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                      "total_tokens": prompt_tokens + len(tokens)},
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
         }
 
 

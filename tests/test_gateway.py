@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from http_fakes import FakeProcess, ServerThread, default_answer, digest
+from http_fakes import FakeBackend, FakeProcess, ServerThread, default_answer, digest
 from openapi_spec_validator import validate
 
 from router_train import CascadeRouter
@@ -137,7 +137,7 @@ def test_a_thousand_concurrent_chat_requests(stack):
 
 def test_a_backend_outage_mid_run(stack):
     router, fake, url = stack
-    prompts = [f"outage question {i} about the river" for i in range(300)]
+    prompts = [f"outage question {i} about the river" for i in range(200)]
     high = router.budgets[-1]
 
     async def run():
@@ -273,3 +273,62 @@ def test_openapi_document_of_the_gateway_is_valid(stack):
         schema = h.get(url + "/openapi.json").json()
     validate(schema)
     assert {"/route_batch", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(schema["paths"])
+
+
+def test_replaying_the_test_split_through_the_gateway_matches_the_serving_loop(tiny_export, tmp_path):
+    """Fake backends answer with the table's stored answers, confidences, output tokens and costs: the
+    gateway runs the same models and returns the same answers as examples/serving_loop.py."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import serving_loop
+
+    router = CascadeRouter.load(tiny_export)
+    table = serving_loop.test_split(router.manifest, None).in_model_order(router.models)
+    row = {q: i for i, q in enumerate(table.queries)}
+
+    def stored(model: str, prompt: str):
+        i, j = row[prompt], router.models.index(model.removeprefix("served-"))
+        answer = table.answers[i][j]
+        # price_in is 1e-6 USD per million tokens: the prompt tokens carry the stored cost
+        return answer, [(answer, float(table.confidence[i, j]))], round(float(table.cost[i, j]) * 1e12), \
+            int(table.tokens_out[i, j])
+
+    fake = FakeBackend(answer=stored)
+    backend_server = ServerThread(fake.app)
+    models = {m: {"base_url": backend_server.url + "/v1", "model": served_id(m), "price_in": 1e-6, "price_out": 0.0}
+              for m in router.models}
+    (tmp_path / "backends.yaml").write_text(yaml.safe_dump({"extractor": "whole", "models": models}))
+    gateway = ServerThread(make_app(router, load_backends(tmp_path / "backends.yaml", router.models)))
+    budget = router.budgets[2]
+
+    async def serve(mode: str):
+        async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as c:
+            return await asyncio.gather(*(
+                c.chat.completions.create(model=ROUTER_ID, messages=[{"role": "user", "content": q}],
+                                          extra_body={"budget": budget, "mode": mode, "source": s})
+                for q, s in zip(table.queries, table.sources)))
+
+    try:
+        for mode in ("cascade_routing", "cascade", "routing"):
+            cost, quality, run = serving_loop.replay(router, table, budget, mode)
+            responses = asyncio.run(serve(mode))
+            served_run = torch.zeros_like(run)
+            served_quality, served_cost = torch.zeros_like(quality), torch.zeros_like(cost)
+            for i, response in enumerate(responses):
+                info = response.model_extra["router"]
+                for m in info["models"]:
+                    served_run[i, router.models.index(m)] = True
+                answer = router.models.index(info["answer_model"])
+                served_quality[i] = table.quality[i, answer]
+                served_cost[i] = info["cost"]
+                assert response.choices[0].message.content == table.answers[i][answer]
+            assert torch.equal(served_run, run), mode
+            assert torch.equal(served_quality, quality), mode
+            assert torch.allclose(served_cost, cost, rtol=1e-6), mode
+    finally:
+        gateway.stop()
+        backend_server.stop()
