@@ -1,252 +1,336 @@
-"""HTTP serving of `CascadeRouter.route_batch` with the standard library, batching concurrent requests.
+"""The HTTP server (FastAPI on uvicorn): routing decisions, and with a backends file an OpenAI-compatible
+cascade gateway.
 
-    python -m router_train.serve --checkpoint checkpoints/default [--host 127.0.0.1 --port 8000]
+    python -m router_train.serve --checkpoint checkpoints/default [--backends configs/backends.yaml]
+        [--host 127.0.0.1 --port 8000]
 
-- `POST /route_batch` with `{"queries": [...], "observed": [[{"model", "answer", "confidence"?,
+- `POST /route_batch` with `{"queries": [...], "observed"?: [[{"model", "answer"?, "confidence"?,
   "tokens_out"?, "cost"?}, ...], ...], "budget"?: float, "mode"?: str, "sources"?: [...]}` answers
-  `{"decisions": [{"next_model", "answer_model", "step", "quality", "cost", "plan"}, ...]}`; bad input
-  gets 400 with `{"error": message}`.
-- `GET /health` and `GET /openapi.json`.
-Requests that arrive together are merged into one `route_batch` call per (budget, mode): one encoder
-and kernel pass for all of them.
+  `{"decisions": [{"next_model", "answer_model", "step", "quality", "cost", "plan"}, ...]}`.
+- With `--backends`: `POST /v1/chat/completions` (cascade routing per request; the response is a chat
+  completion plus a `router` object; budget, mode and source per request in the body or the
+  X-Router-Budget / X-Router-Mode / X-Router-Source headers) and `GET /v1/models`.
+- `GET /health`, `GET /metrics` (Prometheus text format), `GET /openapi.json`.
+
+Each request is validated on its own before it joins a batch; bad input gets 400 with a message
+(`{"error": message}` on /route_batch, OpenAI's `{"error": {"message", "type", ...}}` on /v1), a body
+over `max_body` bytes or a /route_batch request of more than `max_queries` queries 413, a body that
+does not arrive within `body_timeout` seconds 408.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import json
-import queue
-import threading
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import math
+from contextlib import asynccontextmanager
+from pathlib import Path
 
+import torch
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api import ChatCompletionRequest, RouteBatchRequest, RouteBatchResponse
+from .backends import Backends, load_backends
+from .batching import Batcher
+from .cli import add_debug_flag, user_errors
+from .gateway import Gateway, GatewayError, stream_chunks
+from .live import Pool
 from .router import SERVING_MODES, CascadeRouter
+from .telemetry import RequestMetrics, Telemetry
 
 MAX_BODY = 32 * 1024 * 1024
+MAX_QUERIES = 10_000
+BODY_TIMEOUT = 30.0
 
 
-@dataclass
-class _Job:
-    queries: list
-    observed: list | None
-    budget: float | None
-    mode: str | None
-    sources: list | None
-    future: Future = field(default_factory=Future)
+class ApiError(Exception):
+    """A request answered with `status` and `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-class Batcher:
-    """Collects concurrent requests for up to `max_wait` seconds (or `max_queries`) and routes them together."""
+def error_response(path: str, status: int, message: str) -> JSONResponse:
+    """An error in the endpoint's style: OpenAI's object under /v1, `{"error": message}` elsewhere."""
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
+    return JSONResponse({"error": message}, status)
 
-    def __init__(self, router: CascadeRouter, *, max_wait: float = 0.005, max_queries: int = 4096) -> None:
-        self.router, self.max_wait, self.max_queries = router, max_wait, max_queries
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._run, name="route-batcher", daemon=True)
-        self._worker.start()
 
-    def submit(self, job: _Job) -> Future:
-        self._jobs.put(job)
-        return job.future
+def describe_errors(errors) -> str:
+    """One message for pydantic's validation errors, naming each field (`observed[0][1].confidence`)."""
+    unknown, parts = [], []
+    for error in errors:
+        loc = [p for p in error["loc"] if p != "body"]
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        kind = error["type"]
+        if kind == "json_invalid":
+            return f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}"
+        if not path:
+            return "the request body must be a JSON object; see /openapi.json"
+        if kind == "extra_forbidden":
+            unknown.append(path)
+        elif kind == "missing":
+            parts.append(f"the field {path!r} is required")
+        else:
+            got = error.get("input")
+            shown = type(got).__name__ if isinstance(got, (dict, list)) else repr(got)[:60]
+            parts.append(f"{path}: {error['msg']} (got {shown})")
+    if unknown:
+        parts.insert(0, f"unknown field(s) {unknown}; see /openapi.json")
+    return "; ".join(parts[:5]) + (f"; and {len(parts) - 5} more" if len(parts) > 5 else "")
 
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._worker.join()
 
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            jobs, size = [job], len(job.queries)
-            while size < self.max_queries:
-                try:
-                    nxt = self._jobs.get(timeout=self.max_wait)
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._jobs.put(None)
-                    break
-                jobs.append(nxt)
-                size += len(nxt.queries)
-            self._route(jobs)
+class BodyReader:
+    """ASGI middleware: reads each request body up front, answering 413 above `max_bytes` (by its
+    Content-Length, or as it arrives) and 408 when it takes more than `timeout` seconds; the body is then
+    read as JSON whatever its Content-Type (`curl -d` sends form-encoded)."""
 
-    def _route(self, jobs: list[_Job]) -> None:
-        groups: dict[tuple, list[_Job]] = {}
-        for job in jobs:
-            try:  # a bad request fails alone, not the batch it arrived with
-                job.observed = self.router.check(job.queries, job.observed, job.sources)
-                self.router.strategy(job.budget, job.mode)
+    def __init__(self, app, max_bytes: int, timeout: float) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        too_large = f"the request body is over {self.max_bytes} bytes; send less per request"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await error_response(path, 413, too_large)(scope, receive, send)
+            return
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_bytes:
+                        await error_response(path, 413, too_large)(scope, receive, send)
+                        return
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await error_response(path, 408, f"the request body did not arrive within {self.timeout:g} s")(
+                scope, receive, send)
+            return
+        body, replayed = b"".join(chunks), False
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _budget_header(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        budget = float(value)
+    except ValueError:
+        raise ApiError(400, f"the X-Router-Budget header must be a number (USD per query), got {value!r}") from None
+    if not math.isfinite(budget):
+        raise ApiError(400, f"the X-Router-Budget header must be a finite number, got {value!r}")
+    return budget
+
+
+def make_app(
+    router: CascadeRouter,
+    backends: Backends | None = None,
+    *,
+    model_id: str | None = None,
+    max_wait: float = 0.0,
+    max_batch: int = 2048,
+    chunk: int = 256,
+    max_queries: int = MAX_QUERIES,
+    max_body: int = MAX_BODY,
+    body_timeout: float = BODY_TIMEOUT,
+):
+    """The server as an ASGI app: /route_batch, /health, /metrics, /openapi.json and, with `backends`
+    (whose models must be the checkpoint's), the OpenAI-compatible /v1 endpoints."""
+    if backends is not None and set(backends.names) != set(router.models):
+        raise ValueError(f"the backends list {sorted(backends.names)}, the checkpoint routes {router.models}")
+    if model_id is None:
+        model_id = f"router-train/{router.path.name if router.path else 'router'}"
+    telemetry = Telemetry()
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["batcher"] = batcher = Batcher(router, telemetry, max_wait=max_wait, max_batch=max_batch, chunk=chunk)
+        batcher.start()
+        if backends is not None:
+            pool = Pool(backends)
+            state["gateway"] = Gateway(router, batcher, pool, telemetry, model_id)
+        try:
+            yield
+        finally:
+            await batcher.close()
+            if backends is not None:
+                await pool.close()
+
+    app = FastAPI(title="router-train", version=router.manifest.get("package_version", ""), lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return error_response(request.url.path, error.status, str(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code in (404, 405):
+            message = f"no endpoint {request.method} {request.url.path}; see /openapi.json"
+        else:
+            message = f"{error.detail}; the body must be UTF-8 JSON" if error.status_code == 400 else str(error.detail)
+        return error_response(request.url.path, error.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        return error_response(request.url.path, 400, describe_errors(error.errors()))
+
+    @functools.lru_cache(maxsize=1024)
+    def checked(budget: float | None, mode: str | None) -> tuple[float, str]:
+        return router.strategy(budget, mode).budget, mode or router.mode
+
+    def settings(budget: float | None, mode: str | None) -> tuple[float, str]:
+        """The request's budget and mode, defaults filled in, checked against the checkpoint (cached: most
+        requests use a few)."""
+        try:
+            return checked(budget, mode)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    errors = {400: {"description": "invalid input"}, 413: {"description": "body or batch too large"}}
+
+    @app.post("/route_batch", response_model=RouteBatchResponse, responses=errors,
+              summary="Next model (or stop) for a batch of in-flight queries")
+    async def route_batch(body: RouteBatchRequest):
+        n = len(body.queries)
+        if n > max_queries:
+            raise ApiError(413, f"{n} queries in one request; at most {max_queries}: split it into smaller requests")
+        budget, mode = settings(body.budget, body.mode)
+        observed = None if body.observed is None else [
+            [o.model_dump(exclude_none=True) for o in seen] for seen in body.observed]
+        try:
+            observed = router.check(body.queries, observed, body.sources)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        sources = body.sources or [""] * n
+        try:
+            decisions = await state["batcher"].route(body.queries, observed, sources, budget, mode)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - this request alone failed; the server goes on
+            raise ApiError(500, f"routing this request failed: {type(e).__name__}: {e}") from None
+        return JSONResponse({"decisions": [d.to_dict() for d in decisions]})
+
+    @app.get("/health", summary="Liveness and what is loaded")
+    async def health():
+        lo, hi = router.budget_range
+        return {"status": "ok", "models": router.models, "budget_range": [lo, hi], "mode": router.mode,
+                "budget": router.budget, "model_id": model_id if backends is not None else None}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(telemetry.render(), media_type="text/plain; version=0.0.4")
+
+    if backends is not None:
+        @app.get("/v1/models", summary="The router's id and the pool's models (OpenAI format)")
+        async def models():
+            ids = [model_id, *router.models]
+            return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "router-train"}
+                                               for i in ids]}
+
+        @app.post("/v1/chat/completions", responses={**errors, 404: {"description": "unknown model"},
+                                                     502: {"description": "no backend answered"}},
+                  summary="Chat completion by cascade routing over the pool (OpenAI-compatible)")
+        async def chat(body: ChatCompletionRequest,
+                       x_router_budget: str | None = Header(None, description="budget, USD per query"),
+                       x_router_mode: str | None = Header(None, description="mode: " + ", ".join(SERVING_MODES)),
+                       x_router_source: str | None = Header(None, description="task tag of the query")):
+            if body.model != model_id and body.model not in router.models:
+                raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists "
+                                    f"{[model_id, *router.models]}")
+            budget = body.budget if body.budget is not None else _budget_header(x_router_budget)
+            budget, mode = settings(budget, body.mode or x_router_mode)
+            try:
+                completion = await state["gateway"].complete(body, budget, mode, body.source or x_router_source or "")
+            except GatewayError as e:
+                raise ApiError(e.status, str(e)) from None
             except ValueError as e:
-                job.future.set_exception(e)
-                continue
-            groups.setdefault((job.budget, job.mode), []).append(job)
-        for (budget, mode), group in groups.items():
-            queries = [q for j in group for q in j.queries]
-            observed = [o for j in group for o in j.observed]
-            sources = [s for j in group for s in (j.sources or [""] * len(j.queries))]
-            try:
-                decisions = self.router.route_batch(queries, observed, budget, mode=mode, sources=sources)
-            except Exception as e:  # noqa: BLE001 - report the failure to every waiting request
-                for j in group:
-                    j.future.set_exception(e)
-                continue
-            start = 0
-            for j in group:
-                j.future.set_result(decisions[start : start + len(j.queries)])
-                start += len(j.queries)
+                raise ApiError(400, str(e)) from None
+            except Exception as e:  # noqa: BLE001 - this request alone failed; the server goes on
+                raise ApiError(500, f"routing this request failed: {type(e).__name__}: {e}") from None
+            if not body.stream:
+                return JSONResponse(completion)
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            events = [f"data: {json.dumps(chunk)}\n\n" for chunk in stream_chunks(completion, usage)]
+            return StreamingResponse(iter([*events, "data: [DONE]\n\n"]), media_type="text/event-stream")
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description="Cascade routing decisions and an OpenAI-compatible cascade gateway.")
+            parts = schema["components"]["schemas"]
+            lo, hi = router.budget_range
+            for name in ("RouteBatchRequest", "ChatCompletionRequest"):
+                if name in parts:
+                    budget = parts[name]["properties"]["budget"]
+                    budget["description"] += f" This checkpoint: [{lo:.6g}, {hi:.6g}]."
+            parts["Observation"]["properties"]["model"]["enum"] = list(router.models)
+            app.openapi_schema = schema
+        return app.openapi_schema
 
-def openapi_schema(router: CascadeRouter) -> dict:
-    """The OpenAPI 3 description of the three endpoints."""
-    observation = {
-        "type": "object",
-        "required": ["model"],
-        "additionalProperties": False,
-        "properties": {
-            "model": {"type": "string", "enum": router.models},
-            "answer": {"type": ["string", "null"]},
-            "confidence": {"type": "number", "description": "log-probability of the answer"},
-            "tokens_out": {"type": "number", "minimum": 0},
-            "cost": {"type": "number", "minimum": 0, "description": "USD actually spent on this call"},
-        },
-    }
-    decision = {
-        "type": "object",
-        "properties": {
-            "next_model": {"type": ["string", "null"]},
-            "answer_model": {"type": ["string", "null"]},
-            "step": {"type": "integer"},
-            "quality": {"type": "object", "additionalProperties": {"type": "number"}},
-            "cost": {"type": "object", "additionalProperties": {"type": "number"}},
-            "plan": {"type": "array", "items": {"type": "string"}},
-        },
-    }
-    lo, hi = router.budget_range
-    request = {
-        "type": "object",
-        "required": ["queries"],
-        "properties": {
-            "queries": {"type": "array", "items": {"type": "string"}},
-            "observed": {"type": "array", "items": {"type": "array", "items": observation}},
-            "budget": {"type": "number", "minimum": lo, "maximum": hi},
-            "mode": {"type": "string", "enum": [m for m in SERVING_MODES if m in router.manifest["strategies"]]},
-            "sources": {"type": "array", "items": {"type": "string"}},
-        },
-    }
-    error = {"type": "object", "properties": {"error": {"type": "string"}}}
-
-    def body(schema):
-        return {"content": {"application/json": {"schema": schema}}}
-
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "router-train", "version": router.manifest.get("package_version", "")},
-        "paths": {
-            "/route_batch": {
-                "post": {
-                    "summary": "Next model (or stop) for a batch of in-flight queries",
-                    "requestBody": {"required": True, **body(request)},
-                    "responses": {
-                        "200": {"description": "one decision per query",
-                                **body({"type": "object", "properties": {"decisions": {"type": "array", "items": decision}}})},
-                        "400": {"description": "invalid input", **body(error)},
-                    },
-                }
-            },
-            "/health": {"get": {"summary": "Liveness and what is loaded", "responses": {"200": {"description": "ok"}}}},
-            "/openapi.json": {"get": {"summary": "This schema", "responses": {"200": {"description": "ok"}}}},
-        },
-    }
-
-
-def make_server(router: CascadeRouter, host: str = "127.0.0.1", port: int = 8000, **batching) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving) routing through one shared batcher; `server.batcher.close()` stops it."""
-    batcher = Batcher(router, **batching)
-    schema = json.dumps(openapi_schema(router)).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format, *args):  # noqa: A002 - keep the console quiet per request
-            pass
-
-        def _send(self, status: int, payload: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def _json(self, status: int, obj) -> None:
-            self._send(status, json.dumps(obj).encode())
-
-        def do_GET(self) -> None:  # noqa: N802
-            if self.path == "/health":
-                lo, hi = router.budget_range
-                self._json(200, {"status": "ok", "models": router.models, "budget_range": [lo, hi],
-                                 "mode": router.mode, "budget": router.budget})
-            elif self.path == "/openapi.json":
-                self._send(200, schema)
-            else:
-                self._json(404, {"error": f"no such endpoint {self.path}; see /openapi.json"})
-
-        def do_POST(self) -> None:  # noqa: N802
-            if self.path != "/route_batch":
-                self._json(404, {"error": f"no such endpoint {self.path}; POST /route_batch"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-                if not 0 < length <= MAX_BODY:
-                    raise ValueError(f"request body must be 1 byte to {MAX_BODY} bytes of JSON")
-                request = json.loads(self.rfile.read(length))
-                if not isinstance(request, dict):
-                    raise ValueError("request body must be a JSON object with a 'queries' field")
-                unknown = sorted(set(request) - {"queries", "observed", "budget", "mode", "sources"})
-                if unknown:
-                    raise ValueError(f"unknown field(s) {unknown}; see /openapi.json")
-                if "queries" not in request:
-                    raise ValueError("the field 'queries' is required")
-                job = _Job(request["queries"], request.get("observed"), request.get("budget"),
-                           request.get("mode"), request.get("sources"))
-                decisions = batcher.submit(job).result()
-            except (ValueError, json.JSONDecodeError) as e:
-                self._json(400, {"error": str(e)})
-                return
-            self._json(200, {"decisions": [d.to_dict() for d in decisions]})
-
-    server = _Server((host, port), Handler)
-    server.batcher = batcher
-    return server
-
-
-class _Server(ThreadingHTTPServer):
-    """A thread per connection, and a listen backlog deep enough for bursts of concurrent clients."""
-
-    daemon_threads = True
-    request_queue_size = 1024
+    app.openapi = openapi
+    endpoints = {"/route_batch", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions"}
+    return RequestMetrics(BodyReader(app, max_body, body_timeout), telemetry, endpoints)
 
 
 def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
     p = argparse.ArgumentParser(prog="python -m router_train.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="an export directory (checkpoints/<run>)")
+    p.add_argument("--backends", help="backends file (configs/backends.example.yaml): serve /v1/chat/completions")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--budget", type=float, help="default budget (USD per query); default: mid-range")
     p.add_argument("--mode", default="cascade_routing", choices=SERVING_MODES)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request may wait for others to batch with")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when sharing the CPU)")
+    p.add_argument("--model-id", help="the router's model id in /v1 (default: router-train/<checkpoint name>)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a request may wait for others to batch with")
+    p.add_argument("--max-queries", type=int, default=MAX_QUERIES, help="most queries per /route_batch request")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY / 2**20, help="largest request body (MiB)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
-    router = CascadeRouter.load(args.checkpoint, device=args.device, budget=args.budget, mode=args.mode)
-    server = make_server(router, args.host, args.port, max_wait=args.max_wait_ms / 1000)
-    print(f"serving {args.checkpoint} on http://{args.host}:{server.server_port} (POST /route_batch)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        server.batcher.close()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with user_errors(args.debug):
+        router = CascadeRouter.load(args.checkpoint, device=args.device, budget=args.budget, mode=args.mode)
+        backends = load_backends(args.backends, router.models) if args.backends else None
+        app = make_app(router, backends, model_id=args.model_id, max_wait=args.max_wait_ms / 1000,
+                       max_queries=args.max_queries, max_body=int(args.max_body_mb * 2**20))
+    what = "POST /route_batch" + (", POST /v1/chat/completions" if backends else "")
+    print(f"serving {Path(args.checkpoint)} on http://{args.host}:{args.port} ({what})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, backlog=2048)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,29 @@
-"""The HTTP server over real loopback sockets: same decisions as in process, batching under 1,000
-concurrent requests, errors as 400 with a message, health and OpenAPI endpoints."""
+"""The HTTP server (/route_batch) over real loopback sockets: same decisions as in process, batching under
+1,000 concurrent requests, errors as 4xx with a message, a bad request failing alone, health, metrics and
+a valid OpenAPI document."""
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from http_fakes import ServerThread
+from openapi_spec_validator import validate
 
 from router_train import CascadeRouter
 from router_train.router import OBSERVATION_FIELDS
-from router_train.serve import make_server
+from router_train.serve import make_app
 
 
 @pytest.fixture(scope="module")
 def served(tiny_export):
     router = CascadeRouter.load(tiny_export)
-    server = make_server(router, "127.0.0.1", 0, max_wait=0.002)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield router, f"http://127.0.0.1:{server.server_port}", server
-    server.shutdown()
-    server.server_close()
-    server.batcher.close()
+    server = ServerThread(make_app(router, max_wait=0.002))
+    yield router, server.url, server
+    server.stop()
 
 
 def post(url: str, body) -> tuple[int, dict]:
@@ -61,8 +61,8 @@ def test_bad_requests_get_400_with_the_field(served):
     _, url, _ = served
     cases = [
         ({"queries": ["a"], "observed": [[{"model": "nope"}]]}, "observed[0][0].model 'nope' is not in the checkpoint"),
-        ({"queries": [1]}, "queries[0] must be a string"),
-        ({"observed": []}, "'queries' is required"),
+        ({"queries": [1]}, "queries[0]: Input should be a valid string (got 1)"),
+        ({"observed": []}, "the field 'queries' is required"),
         ({"queries": ["a"], "budget": 1e9}, "outside the calibrated range"),
         ({"queries": ["a"], "extra": 1}, "unknown field(s) ['extra']"),
     ]
@@ -75,14 +75,78 @@ def test_bad_requests_get_400_with_the_field(served):
     assert [s for s, _ in results] == [200, 400, 200]
 
 
-def test_health_and_openapi(served):
+def test_health_metrics_and_a_valid_openapi_document(served):
     router, url, _ = served
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         health = json.loads(r.read())
     assert health["status"] == "ok" and health["models"] == router.models
     with urllib.request.urlopen(url + "/openapi.json", timeout=10) as r:
         schema = json.loads(r.read())
-    assert schema["openapi"].startswith("3.") and "/route_batch" in schema["paths"]
-    request = schema["paths"]["/route_batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    observation = request["properties"]["observed"]["items"]["items"]
+    validate(schema)  # raises on an invalid document
+    assert "/route_batch" in schema["paths"] and "/v1/chat/completions" not in schema["paths"]
+    parts = schema["components"]["schemas"]
+    observation = parts["Observation"]
     assert set(observation["properties"]) == set(OBSERVATION_FIELDS)
+    assert observation["properties"]["model"]["enum"] == router.models
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'router_requests_total{endpoint="/route_batch",status="200"}' in metrics
+    assert "router_route_batch_calls_total" in metrics
+
+
+class FailsOn(CascadeRouter):
+    """A router whose route_batch raises a TypeError for a batch holding the query "boom"."""
+
+    def route_batch(self, queries, *args, **kwargs):
+        if "boom" in queries:
+            raise TypeError("the tokenizer choked")
+        return super().route_batch(queries, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_export):
+    router = FailsOn.load(tiny_export)
+    server = ServerThread(make_app(router, max_wait=0.05, chunk=100, max_queries=3000, max_body=300_000))
+    yield router, server.url
+    server.stop()
+
+
+def test_an_exception_in_a_batch_fails_only_its_request(limited):
+    router, url = limited
+    bodies = [{"queries": [f"good question {i}"]} for i in range(20)]
+    bodies.insert(7, {"queries": ["boom"]})
+    with ThreadPoolExecutor(21) as pool:  # all arrive within the 50 ms batching window
+        results = list(pool.map(lambda b: post(url, b), bodies))
+    statuses = [status for status, _ in results]
+    assert statuses[7] == 500 and "TypeError: the tokenizer choked" in results[7][1]["error"]
+    assert statuses[:7] + statuses[8:] == [200] * 20
+    assert post(url, {"queries": ["still up"]})[0] == 200
+
+
+def test_caps_and_large_requests_do_not_starve_small_ones(limited):
+    router, url = limited
+    status, body = post(url, {"queries": ["q"] * 3001})
+    assert status == 413 and "3001 queries in one request; at most 3000" in body["error"]
+    request = urllib.request.Request(url + "/route_batch", data=b'{"queries": ["' + b"x" * 400_000 + b'"]}')
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=30)
+    assert e.value.code == 413 and "over 300000 bytes" in json.loads(e.value.read())["error"]
+    done = {}
+
+    def timed(name, body):
+        done[name] = (post(url, body)[0], time.perf_counter())
+
+    big = threading.Thread(target=timed, args=("big", {"queries": [f"large request query {i}" for i in range(3000)]}))
+    big.start()
+    time.sleep(0.2)
+    timed("small", {"queries": ["a small request"]})
+    big.join()
+    assert done["big"][0] == done["small"][0] == 200
+    assert done["small"][1] < done["big"][1]  # routed between the large request's chunks
+
+
+def test_unknown_endpoints_are_404_with_a_message(served):
+    _, url, _ = served
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/v1/chat/completions", data=b"{}", timeout=10)
+    assert e.value.code == 404 and "no endpoint POST /v1/chat/completions" in json.loads(e.value.read())["error"]["message"]
