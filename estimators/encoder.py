@@ -262,6 +262,33 @@ class CachedEmbedder:
         return self.encoder.identity()
 
 
+class MemoEmbedder:
+    """A frozen `Embedder` that keeps each text's embedding in memory once computed, for one training run.
+
+    Cross-fitting fits K estimators on subsets of the same queries; the on-disk cache is keyed by the whole
+    list of texts, so without this every subset would be embedded again (K times the embedding work). With
+    it each query is embedded once, and every estimator sees the same vector for it.
+    """
+
+    def __init__(self, encoder: Embedder) -> None:
+        self.encoder = encoder
+        self.memory: dict[str, torch.Tensor] = {}
+
+    def encode(self, texts: list[str], progress: bool = False) -> torch.Tensor:
+        """(n, d) embeddings of `texts`; only texts not seen before go through the encoder."""
+        texts = list(texts)
+        if not texts:
+            return self.encoder.encode([])
+        new = list(dict.fromkeys(t for t in texts if t not in self.memory))
+        if new:
+            fresh = self.encoder.encode(new, progress=True) if progress else self.encoder.encode(new)
+            self.memory.update(zip(new, fresh.detach().to("cpu", torch.float32)))
+        return torch.stack([self.memory[t] for t in texts])
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
+
+
 def cached(encoder: Embedder, directory: str | os.PathLike | None, progress: bool = True) -> Embedder:
     """`encoder` behind an on-disk embedding cache in `directory`; `encoder` itself when it is None/empty."""
     return CachedEmbedder(encoder, directory, progress) if directory else encoder

@@ -21,7 +21,9 @@ from .table import SPLIT_MODES
 class DataConfig:
     """Which routing tables to train and test on."""
 
-    train: str = ""  # table path; its split column (or a seeded split) gives the test rows unless `test` is set
+    # table path, or bundled[:NAME] (router_train/data/NAME.parquet); its split column (or a seeded split)
+    # gives the test rows unless `test` is set
+    train: str = ""
     split: str = "auto"  # "column", "seeded" (of query ids, by `seed`), or "auto": the column if it has both
     test: str | None = None
     models: list[str] | None = None

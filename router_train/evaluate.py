@@ -14,6 +14,7 @@ once complete, so an earlier report there survives any failure or interrupt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -237,7 +238,7 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Qualit
     """
     from estimators import NoisyEstimator
     from estimators.crossfit import CrossFitted
-    from estimators.encoder import TextEncoder, cached
+    from estimators.encoder import MemoEmbedder, TextEncoder, cached
     from estimators.knn import KNNEstimator
     from estimators.learned import LearnedConfig, LearnedEstimator
     from estimators.logreg import LogRegEstimator
@@ -260,11 +261,16 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Qualit
         if args.encoder:
             config.encoder.name_or_path = args.encoder
         if args.estimator == "knn":
-            embedder = cached(TextEncoder(config.encoder), config.embedding_cache)
+            embedder = cached(MemoEmbedder(TextEncoder(config.encoder)), config.embedding_cache)  # each query once
             build = lambda: KNNEstimator(embedder, seed=args.seed)  # noqa: E731
         else:
-            encoder = TextEncoder(config.encoder) if not config.finetune else None  # frozen: one shared encoder
-            build = lambda: LearnedEstimator(config, encoder)  # noqa: E731
+            # frozen: one shared encoder that embeds each query once; the folds skip the on-disk cache (keyed
+            # by the whole list of texts, which their subsets would miss)
+            frozen = not config.finetune
+            encoder = MemoEmbedder(TextEncoder(config.encoder)) if frozen else None
+            member = dataclasses.replace(config, embedding_cache=None) if frozen else config
+            fold = lambda: LearnedEstimator(member, encoder)  # noqa: E731
+            return LearnedEstimator(config, encoder).fit(train), CrossFitted(fold, args.folds, args.seed).fit(train)
     return build().fit(train), CrossFitted(build, args.folds, args.seed).fit(train)
 
 

@@ -20,6 +20,7 @@ and the data files are unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from estimators.crossfit import CrossFitted
+from estimators.encoder import MemoEmbedder, TextEncoder
 from estimators.learned import LearnedEstimator
 
 from . import __version__
@@ -46,19 +48,41 @@ from .outputs import atomic_write_json, new_version, publish_version, remove_sta
 from .table import RoutingTable, check_cost_spread, load_table, load_train_test
 
 BUNDLED = "bundled"
-"""`data.train: bundled` names the default dataset shipped in the package (router_train/data)."""
+"""`data.train: bundled` names the default table shipped in the package (router_train/data/llmrouter.parquet);
+`bundled:NAME` names router_train/data/NAME.parquet (see router_train/data/NOTICE.md)."""
+DEFAULT_BUNDLED = "llmrouter"
 
 
-def bundled_dataset() -> Path:
-    """Path of the bundled default routing table (LLMRouter, MIT; see router_train/data/NOTICE.md)."""
-    return Path(str(resources.files("router_train") / "data" / "llmrouter.parquet"))
+def bundled_names() -> list[str]:
+    """Names of the tables shipped in the package, for `data.train: bundled:NAME`."""
+    return sorted(p.name.removesuffix(".parquet") for p in (resources.files("router_train") / "data").iterdir()
+                  if p.name.endswith(".parquet"))
+
+
+def bundled_dataset(name: str = DEFAULT_BUNDLED) -> Path:
+    """Path of a bundled routing table: the default LLMRouter one (MIT), or another by name (e.g.
+    `mmlu_pro_sample`, Apache-2.0); attribution in router_train/data/NOTICE.md."""
+    names = bundled_names()
+    if name not in names:
+        listed = ", ".join(f"{BUNDLED}:{n}" for n in names)
+        raise ValueError(f"data.train: no bundled table named {name!r}; the bundled tables are {listed} "
+                         f"(`{BUNDLED}` alone is {BUNDLED}:{DEFAULT_BUNDLED}), or give the path of a routing table")
+    return Path(str(resources.files("router_train") / "data" / f"{name}.parquet"))
+
+
+def train_path(train: str) -> Path:
+    """The file `data.train` names: `bundled` (or empty), `bundled:NAME`, or a table path."""
+    if train in ("", BUNDLED):
+        return bundled_dataset()
+    if train.startswith(f"{BUNDLED}:"):
+        return bundled_dataset(train.removeprefix(f"{BUNDLED}:"))
+    return Path(train)
 
 
 def data_paths(config: TrainConfig) -> list[Path]:
     """The table files a recipe reads: the training table (the bundled one by default), then any test table."""
     data = config.data
-    paths = [bundled_dataset() if data.train in ("", BUNDLED) else Path(data.train)]
-    return paths + ([Path(data.test)] if data.test else [])
+    return [train_path(data.train)] + ([Path(data.test)] if data.test else [])
 
 
 def load_tables(config: TrainConfig) -> tuple[RoutingTable, RoutingTable]:
@@ -205,13 +229,17 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
         if "val_loss" in record:
             log(f"  epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
 
-    estimator = LearnedEstimator(config.estimator)
+    # A frozen encoder serves the estimator and every fold, and embeds each query once (the folds' subsets
+    # would miss the on-disk cache, keyed by the whole list of texts, so the folds skip it).
+    frozen = not config.estimator.finetune
+    shared = MemoEmbedder(TextEncoder(config.estimator.encoder)) if frozen else None
+    member = dataclasses.replace(config.estimator, embedding_cache=None) if frozen else config.estimator
+    estimator = LearnedEstimator(config.estimator, shared)
     t0 = time.perf_counter()
     estimator.fit(train, state_dir=state / "train", log=log_epoch, progress=True)
     log(f"estimator trained in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
-    shared = estimator.encoder if not config.estimator.finetune else None  # a frozen encoder serves every fold
-    out_of_fold = CrossFitted(lambda: LearnedEstimator(config.estimator, shared), folds, config.seed).fit(train)
+    out_of_fold = CrossFitted(lambda: LearnedEstimator(member, shared), folds, config.seed).fit(train)
     log(f"{folds} out-of-fold estimators for calibration trained in {time.perf_counter() - t0:.1f}s")
 
     cal = config.calibration
@@ -254,7 +282,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m router_train.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/default.yaml")
-    p.add_argument("--train-data", help="override data.train (a routing table)")
+    p.add_argument("--train-data", help="override data.train (a routing table path, bundled or bundled:NAME)")
     p.add_argument("--test-data", help="override data.test (then --train-data/data.train is all training data)")
     p.add_argument("--run-name", help="override run_name (the export goes to <output_dir>/<run_name>)")
     p.add_argument("--output-dir", help="override output_dir (default checkpoints)")

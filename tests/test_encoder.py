@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_encoder_dir
 
-from estimators.encoder import EmbeddingCache, EncoderConfig, LoraSettings, TextEncoder, cached
+from estimators.encoder import EmbeddingCache, EncoderConfig, LoraSettings, MemoEmbedder, TextEncoder, cached
 
 TEXTS = [
     "what is the capital of france",
@@ -134,6 +134,25 @@ def test_cached_encodes_once_per_text_list_and_passes_through_without_a_director
     first, second = wrapped.encode(TEXTS), wrapped.encode(TEXTS)
     assert embedder.calls == 1 and torch.equal(first, second)
     assert wrapped.identity() == embedder.identity()
+
+
+def test_memo_embeds_each_text_once_across_subsets_and_orders(tiny_dir: Path, tmp_path: Path) -> None:
+    encoder = tiny(tiny_dir)
+    seen: list[str] = []
+
+    class Recording(CountingEmbedder):
+        def encode(self, texts: list[str]) -> torch.Tensor:
+            seen.extend(texts)
+            return super().encode(texts)
+
+    memo = MemoEmbedder(Recording(encoder))
+    full = memo.encode(TEXTS)
+    subset = TEXTS[4:] + TEXTS[:2] + ["a new text", "a new text"]
+    again = cached(memo, tmp_path / "cache", progress=False).encode(subset)  # a subset misses the disk cache
+    assert seen == TEXTS + ["a new text"]  # only the unseen text, once
+    assert torch.equal(again[:5], torch.cat([full[4:], full[:2]])) and torch.equal(again[5], again[6])
+    assert torch.allclose(again[5], encoder.encode(["a new text"])[0], atol=1e-6)
+    assert memo.encode([]).shape == (0, encoder.dim) and memo.identity() == encoder.identity()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ errors that name the key."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from factories import random_frame
 from tiny_models import tiny_encoder_dir
 
+from estimators.encoder import TextEncoder
 from estimators.learned import LearnedEstimator
 from router_train import evaluate as evaluate_cli
 from router_train import outputs
@@ -115,6 +117,23 @@ def test_data_overrides_and_unknown_config_keys(tiny_recipe, tmp_path):
     assert manifest["data"]["n_test"] == int((frame.split == "test").sum() / 4)
 
 
+def test_each_query_is_embedded_once_per_run(tiny_recipe, tmp_path, monkeypatch):
+    root, path = tiny_recipe
+    encoded: list[str] = []
+    original = TextEncoder.encode
+
+    def spy(self, texts, **kwargs):
+        encoded.extend(texts)
+        return original(self, texts, **kwargs)
+    monkeypatch.setattr(TextEncoder, "encode", spy)
+    config = load_config(path)
+    config.output_dir, config.estimator.embedding_cache = str(tmp_path), str(tmp_path / "cache")
+    recipe.run(config, log=lambda m: None)
+    train, test = recipe.load_tables(config)
+    assert sorted(encoded) == sorted(train.queries + test.queries)  # not again for each cross-fitting fold
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # the training and the test queries
+
+
 def write_export(tag: str):
     """A stand-in for the recipe's export writer: two files, then optionally an interrupt."""
     def write(directory: Path) -> None:
@@ -215,3 +234,29 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tiny_recipe, tmp_
     with pytest.raises(SystemExit):
         recipe.main(["--config", str(path), "--run-name", "../elsewhere"])
     assert "run_name must be a plain name" in capsys.readouterr().err
+
+
+def test_bundled_tables_are_named_by_bundled_colon_name(tiny_recipe, tmp_path, capsys):
+    root, path = tiny_recipe
+    assert {"llmrouter", "mmlu_pro_sample"} <= set(recipe.bundled_names())
+    assert recipe.train_path("bundled") == recipe.train_path("") == recipe.bundled_dataset("llmrouter")
+    assert recipe.train_path("bundled:mmlu_pro_sample").name == "mmlu_pro_sample.parquet"
+    assert recipe.train_path("t/bundled.csv") == Path("t/bundled.csv")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "answers.yaml")
+    assert (config.run_name, config.data.train, config.calibration.max_depth) == (
+        "answers", "bundled:mmlu_pro_sample", 3)
+    assert recipe.data_paths(config) == [recipe.bundled_dataset("mmlu_pro_sample")]
+    train, test = recipe.load_tables(config)
+    assert train.k == 8 and train.n + test.n == 1999 and test.n > 350
+    assert set(train.sources) == set(test.sources) and len(set(train.sources)) == 14
+    present = sum(a is not None for row in train.answers for a in row)
+    assert present > 0.95 * train.n * train.k  # answers for the post-hoc features
+
+    for name in ("nope", "../llmrouter", "NOTICE"):
+        config.data.train = f"bundled:{name}"
+        with pytest.raises(ValueError, match=rf"no bundled table named '{re.escape(name)}'; the bundled tables "
+                                             r"are bundled:llmrouter, bundled:mmlu_pro_sample"):
+            recipe.data_paths(config)
+    with pytest.raises(SystemExit):
+        recipe.main(["--config", str(path), "--train-data", "bundled:nope", "--output-dir", str(tmp_path)])
+    assert capsys.readouterr().err.startswith("error: data.train: no bundled table named 'nope'")
