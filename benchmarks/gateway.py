@@ -1,7 +1,8 @@
 """Routing overhead of the cascade gateway: what a chat completion through the gateway costs beyond the
 backend calls it makes, at 1, 64 and 1,024 concurrent requests, against calling the backend directly.
 
-    python benchmarks/gateway.py --checkpoint checkpoints/default [--levels 1,64,1024] [--out runs/gateway.json]
+    python benchmarks/gateway.py --checkpoint checkpoints/default [--levels 1,64,1024] [--budget B]
+        [--out runs/gateway.json]
 
 An instant fake OpenAI-compatible backend (tests/http_fakes.py: answers at once, with log-probabilities)
 serves every model of the checkpoint on loopback, in its own process; the gateway runs as
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--levels", default="1,64,1024", help="concurrent requests")
     p.add_argument("--requests", type=int, default=2000, help="requests per level at least (200 at level 1)")
     p.add_argument("--backend-concurrency", type=int, default=32, help="calls in flight per model")
+    p.add_argument("--budget", type=float, help="USD per query (default: the gateway's, mid-range); a higher "
+                   "budget makes longer cascades")
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
     manifest = json.loads((Path(args.checkpoint) / "manifest.json").read_text())
@@ -145,11 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
             tag = f"L{level}"
 
             def chat(i: int, tag=tag) -> dict:
-                return {"model": router_id, "messages": [{"role": "user", "content": f"{tag} question {i}: what "
+                body = {"model": router_id, "messages": [{"role": "user", "content": f"{tag} question {i}: what "
                                                           f"is {i} plus {i % 7}, and why?"}]}
+                return body if args.budget is None else {**body, "budget": args.budget}
 
             def direct(i: int, tag=tag) -> dict:
-                return {**chat(i, tag), "model": manifest["models"][0], "logprobs": True}
+                return {"model": manifest["models"][0], "messages": chat(i, tag)["messages"], "logprobs": True}
 
             asyncio.run(load(port, "/v1/chat/completions", lambda i: chat(i, "warm"), min(level, 64), 2))
             baseline = asyncio.run(load(fake_port, "/v1/chat/completions", direct, level, per_client))
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         gateway.terminate()
         gateway.wait(30)
         fake.stop()
-    result = {"checkpoint": args.checkpoint, "cpus": os.cpu_count(), "levels": rows}
+    result = {"checkpoint": args.checkpoint, "budget": args.budget, "cpus": os.cpu_count(), "levels": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -11,8 +11,8 @@
   the line for `last_line`, the whole sequence for `whole`). It is None when the backend returned no
   log-probabilities, when its tokens do not spell out the response text exactly, or when no answer was
   found; the estimator treats a missing confidence as unknown.
-- `features(response, backend, extractor, latency_ms)` makes a `CallResult` from an OpenAI chat
-  completion: tokens from `usage`, cost from the backend's prices.
+- `features(body, backend, extractor, latency_ms)` makes a `CallResult` from an OpenAI chat completion
+  body: tokens from `usage`, cost from the backend's prices.
 - `Pool` calls the backends' `/chat/completions` with the `openai` client (async; its generic `post`,
   so backend-specific fields pass through and no time goes to typing each call), log-probabilities requested, at most
   `concurrency` calls in flight per model, optionally retrying 429 / 5xx / connection errors with
@@ -84,14 +84,13 @@ def extract(text: str, kind: str) -> tuple[str, int, int] | None:
 def span_logprob(text: str, start: int, end: int, tokens) -> float | None:
     """Sum of the log-probabilities of the tokens overlapping characters `[start, end)` of `text`.
 
-    `tokens` are the response's `logprobs.content` (objects or dicts with `token`, `bytes`, `logprob`);
-    None when there are none or they do not spell out `text` byte for byte.
+    `tokens` are the response's `logprobs.content` (dicts with `token`, `bytes`, `logprob`); None when
+    there are none or they do not spell out `text` byte for byte.
     """
     if not tokens:
         return None
     pieces, logprobs = [], []
-    for t in tokens:
-        item = t if isinstance(t, dict) else t.model_dump()
+    for item in tokens:
         raw = item.get("bytes")
         pieces.append(bytes(raw) if raw is not None else item["token"].encode("utf-8"))
         logprobs.append(float(item["logprob"]))
@@ -134,9 +133,8 @@ class CallResult:
         return {key: row[key] for key in ("answer", "confidence", "tokens_in", "tokens_out", "cost", "latency_ms")}
 
 
-def features(response, backend: Backend, extractor: str, latency_ms: float) -> CallResult:
-    """Features of an OpenAI chat completion (object or dict) from `backend`."""
-    body = response if isinstance(response, dict) else response.model_dump()
+def features(body: dict, backend: Backend, extractor: str, latency_ms: float) -> CallResult:
+    """Features of an OpenAI chat completion body (parsed JSON) from `backend`."""
     choices = body.get("choices") or []
     if not choices:
         raise BackendError(backend.name, "the response has no choices")

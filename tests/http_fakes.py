@@ -40,7 +40,7 @@ def default_answer(model: str, prompt: str) -> Answer:
 class FakeBackend:
     """Serves every model id it is asked for. `delay[id]` seconds of latency, ids in `down` answer 500,
     `errors[id]` lists statuses to answer before succeeding (429, 503, ...); `calls` counts calls per id.
-    `POST /control` with any of `{"delay", "down", "errors"}` replaces them; `GET /control` gives `calls`."""
+    `POST /control` with any of `{"delay", "down", "errors"}` replaces them."""
 
     def __init__(self, answer: Callable[[str, str], Answer] = default_answer) -> None:
         self.answer = answer
@@ -51,7 +51,6 @@ class FakeBackend:
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self.complete)
         self.app.post("/control")(self.control)
-        self.app.get("/control")(self.counts)
 
     async def control(self, request: Request):
         state = await request.json()
@@ -59,9 +58,6 @@ class FakeBackend:
         self.down = set(state.get("down", self.down))
         self.errors = state.get("errors", self.errors)
         return {"ok": True}
-
-    async def counts(self):
-        return {"calls": dict(self.calls)}
 
     async def complete(self, request: Request):
         body = await request.json()
@@ -127,9 +123,6 @@ class FakeProcess:
 
     def control(self, **state) -> None:
         httpx.post(self.url + "/control", json=state, timeout=10).raise_for_status()
-
-    def calls(self) -> dict[str, int]:
-        return httpx.get(self.url + "/control", timeout=10).json()["calls"]
 
     def stop(self) -> None:
         self.process.terminate()
