@@ -2,8 +2,9 @@
 
 Where the reference port (`reference_port.py`) walks the supermodels one numpy call at a time and
 prunes, this evaluates every allowed supermodel of the query at once: gather each supermodel's members'
-samples into an `(M, depth, n_s)` array (short supermodels repeat a member), max, mean; no pruning. Same samples, candidate order and tie rule as the kernel, so the
-decisions are the same; it shows what "per query" costs without a Python loop over candidates.
+samples into an `(M, depth, n_s)` array (short supermodels repeat a member), max, mean; no pruning.
+Same samples, candidate order and tie rule as the kernel, so the decisions are the same; it shows what
+"per query" costs without a Python loop over candidates.
 """
 
 from __future__ import annotations

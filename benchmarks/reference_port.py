@@ -8,7 +8,10 @@ commit 1788b904a42aa586d555784be240b344868480d2) function by function:
   subset is listed once; with `force_order`, only models after the last run one), skipping those above
   the depth cap, and its "Lemma 1" pruning (`do_speedup`): a supermodel whose added model raises the
   expected max by less than λ times its cost is dropped together with everything built on it. The empty
-  supermodel is never a candidate (the reference values it at -10**8 and, since 1788b90, never records it).
+  supermodel is valued at -10**8 and never recorded as a candidate. The model to run is the first
+  (lowest-index) added one; with `force_order=False` the reference computes `np.argmin` of a generator,
+  which numpy answers with 0 without consuming it, so the same. (Another stored version, b8ad6d2, also
+  prunes one-model supermodels against that -10**8 and records the empty one: neither changes a decision.)
 - `supermodel_quality` is `BaseQualityComputer.predict_supermodels` (src/selection/quality_computer.py)
   for one supermodel: select its members' qualities and factor rows, then `compute_expected_max`.
 - `expected_max` is `compute_expected_max` and `transform_samples` (src/selection/statistics.py): the
@@ -48,7 +51,7 @@ EMPTY_QUALITY = -(10**8)
 
 
 def joint_factor(cov: np.ndarray | None) -> np.ndarray | None:
-    """Cholesky factor of `Σ + εI` with the kernel's ε (None without Σ): one per query, shared by all supermodels."""
+    """Cholesky factor of `Σ + εI` with the kernel's ε (None without Σ): one per query, for all its supermodels."""
     if cov is None:
         return None
     return np.linalg.cholesky(cov + CHOLESKY_EPS * np.eye(cov.shape[0]))
