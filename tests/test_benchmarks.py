@@ -1,17 +1,31 @@
-"""Benchmark scripts on tiny tables: estimator_signal (every estimator gets a row, the test split is never read)
-and repeated_splits (its summary is the mean and paired differences of the per-run metrics)."""
+"""Benchmark scripts on tiny tables: estimator_signal (every estimator gets a row, the test split is never read),
+repeated_splits (its summary is the mean and paired differences of the per-run metrics), and the kernel
+benchmark (its baselines make the kernel's decisions; it exits 0 and prints its ratio last)."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from factories import random_frame
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from tiny_models import tiny_encoder_dir
 
+from router_train.kernel import KernelConfig, decide
+from router_train.strategy import Strategy
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy_per_query  # noqa: E402
+import reference_port  # noqa: E402
 
 
 def _load(name: str):
@@ -108,3 +122,90 @@ def test_repeated_splits_summarizes_the_per_run_metrics_and_resumes(tmp_path, mo
     assert module.main(args) == summary
     with pytest.raises(SystemExit):
         module.main([*args, "--seed", "3"])
+
+
+GRID = [0.0, 0.25, 0.5, 0.5 + 4e-7, 0.75, 1.0]  # 0.5 + 4e-7 ties 0.5 within the tolerance
+
+
+@st.composite
+def routing_cases(draw):
+    """Cascade-routing inputs for one query: k, depth cap, run set, Σ none / diagonal / full, λ, force_order;
+    grid qualities, zero and equal costs and λ = 0 make exact ties."""
+    k = draw(st.integers(1, 8))
+    depth = draw(st.integers(1, min(k + 1, 5)))
+    quality = np.array(draw(st.lists(st.one_of(st.sampled_from(GRID), st.floats(0, 1, width=32)), min_size=k,
+                                     max_size=k)))
+    cost = np.array(draw(st.lists(st.one_of(st.sampled_from([0.0, 1e-4, 2e-4]), st.floats(1e-6, 1e-3)),
+                                  min_size=k, max_size=k)))
+    run = sorted(draw(st.permutations(range(k)))[: draw(st.integers(0, min(k, depth)))])
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    kind = draw(st.sampled_from(["none", "diagonal", "full"]))
+    cov = None
+    if kind == "diagonal":
+        cov = np.diag(rng.uniform(0, 0.1, k))
+    elif kind == "full":
+        a = rng.normal(size=(k, k)) * 0.2
+        cov = a @ a.T / k
+    if cov is not None:
+        cov[run, :] = 0.0  # post-hoc estimates of run models do not move
+        cov[:, run] = 0.0
+    lam = st.one_of(st.sampled_from([0.0, 100.0, 1000.0]), st.floats(0, 5000))
+    strategy = Strategy("cascade_routing", depth, lambdas=[draw(lam) for _ in range(depth)],
+                        force_order=draw(st.booleans()))
+    return quality, cost, run, cov, strategy
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(routing_cases())
+@example((np.array([0.5, 0.5 + 4e-7, 0.1]), np.full(3, 1e-4), [], None,
+          Strategy("cascade_routing", 1, lambdas=[100.0])))
+def test_reference_port_and_numpy_per_query_make_the_kernels_decisions(case):
+    """Same decisions as the kernel, ties included (the example: within the tolerance, equal costs, the first)."""
+    quality, cost, run, cov, strategy = case
+    k = len(quality)
+    mask = torch.zeros(1, k, dtype=torch.bool)
+    mask[0, run] = True
+    out = decide(torch.tensor(quality)[None], torch.tensor(cost)[None], mask, strategy,
+                 cov=None if cov is None else torch.tensor(cov)[None],
+                 config=KernelConfig(n_samples=24, dtype=torch.float64))
+    chosen = int(out.supermodel[0])
+    kernel = (int(out.next_model[0]), tuple(i for i in range(k) if (chosen >> i) & 1 and i not in run))
+    for module in (reference_port, numpy_per_query):
+        got = module.decide_query(quality, cost, run, cov, strategy.lambdas, strategy.max_depth,
+                                  force_order=strategy.force_order, n_samples=24)
+        assert got == kernel, module.__name__
+
+
+def test_reference_port_prunes_like_the_reference(monkeypatch):
+    """Lemma 1: a model that adds less than λ times its cost to a supermodel is not added to it, nor to
+    anything built on it; the decision is unchanged (it could not have won)."""
+    quality, cost = np.array([0.9, 0.2, 0.3, 0.1]), np.array([1e-4, 1e-4, 1e-4, 1e-4])
+    z = reference_port.normal_samples(32, 4).numpy()
+    factor = reference_port.joint_factor(np.diag([0.01, 0.01, 0.01, 0.01]))
+    evaluated = []
+    original = reference_port.supermodel_quality
+
+    def spy(q, f, samples, members):
+        evaluated.append(tuple(members))
+        return original(q, f, samples, members)
+
+    monkeypatch.setattr(reference_port, "supermodel_quality", spy)
+    decision = reference_port.predict_model(quality, cost, [], factor, z, 100.0, 4)
+    assert decision == (0, (0,))  # m0 alone: the others barely ever beat it and each costs 0.01
+    assert evaluated[:4] == [(0,), (1,), (2,), (3,)]  # singletons are never pruned
+    assert (0, 1, 2) not in evaluated and len(evaluated) < 2**4 - 1
+
+
+def test_kernel_benchmark_exits_0_and_prints_the_ratio_last():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel.py"), "--queries", "64", "--models", "6", "--depth", "3",
+         "--samples", "16", "--subset", "8", "--repeats", "1", "--threads", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("reference algorithm (port), 1 thread(s): ") for line in lines)
+    assert "identical next models for all 3 runs" in lines[-2]
+    name, value = lines[-1].split(": ")
+    assert name == "speedup_vs_reference_algorithm" and float(value) > 0
