@@ -11,6 +11,7 @@ import torch
 
 from estimators.learned import LearnedEstimator
 from router_train import CascadeRouter
+from router_train.manifest import seal
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_broken_checkpoints_fail_at_load(export, tmp_path):
     shutil.copytree(export, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["manifest_version"] = 7
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(ValueError, match="unknown manifest format 'router-train' version 7"):
         CascadeRouter.load(broken)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -148,7 +149,7 @@ def test_changed_files_fail_the_checksum_at_load(export, router, tmp_path):
     for name in ("manifest.json", "estimator.json"):
         data = json.loads((edited / name).read_text())
         data["models"] = ["model-0", "model-2", "model-1"]
-        (edited / name).write_text(json.dumps(data))
+        (edited / name).write_text(json.dumps(seal(data) if name == "manifest.json" else data))
     with pytest.raises(ValueError, match="edited/estimator.json does not match its SHA-256"):
         CascadeRouter.load(edited)
     (edited / "manifest.json").unlink()  # without a manifest, the estimator's own lists disagree
@@ -158,14 +159,31 @@ def test_changed_files_fail_the_checksum_at_load(export, router, tmp_path):
     extra = copy_export(export, tmp_path / "extra")
     manifest = json.loads((extra / "manifest.json").read_text())
     manifest["files"]["../escape"] = manifest["files"]["metrics.json"]
-    (extra / "manifest.json").write_text(json.dumps(manifest))
+    (extra / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(ValueError, match="names '../escape', which is not a file of the export"):
         CascadeRouter.load(extra)
     (extra / "metrics.json").unlink()
     del manifest["files"]["../escape"]
-    (extra / "manifest.json").write_text(json.dumps(manifest))
+    (extra / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(FileNotFoundError, match="extra/metrics.json is missing"):
         CascadeRouter.load(extra)
+
+
+def test_a_changed_value_in_the_manifest_fails_its_own_checksum(export, tmp_path):
+    """A budget or λ changed in manifest.json would change decisions silently; a re-indent changes nothing."""
+    original = json.loads((export / "manifest.json").read_text())
+    assert original["manifest_sha256"]
+    edited = copy_export(export, tmp_path / "edited")
+    manifest = dict(original, budgets=[b * 1.01 for b in original["budgets"]])
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    for load in (CascadeRouter.load, LearnedEstimator.load):
+        with pytest.raises(ValueError, match=r"edited/manifest.json does not match its own SHA-256 \(manifest_sha256\)"):
+            load(edited)
+    (edited / "manifest.json").write_text(json.dumps(original, indent=None, sort_keys=True))
+    assert CascadeRouter.load(edited).manifest == original
+    del original["manifest_sha256"]  # an export written before the seal loads unchecked
+    (edited / "manifest.json").write_text(json.dumps(original))
+    assert CascadeRouter.load(edited).budgets == original["budgets"]
 
 
 @pytest.mark.parametrize("name, damage", [
