@@ -12,6 +12,7 @@ count the file's data rows from 0. `load_train_test` reads a training and a sepa
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 import tempfile
@@ -501,17 +502,36 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
             if fmt == "parquet":
                 dataset = datasets.Dataset.from_parquet(str(path), **common)
             elif fmt == "json":
+                source = _array_as_lines(path, Path(cache)) if _is_json_array(path) else path
                 # One block for the whole file, so column types are inferred from all rows, not only the first block.
-                dataset = datasets.Dataset.from_json(str(path), chunksize=os.path.getsize(path) + 1, **common)
+                dataset = datasets.Dataset.from_json(str(source), chunksize=os.path.getsize(source) + 1, **common)
             else:
                 # Every CSV column as text (parsed by `_numeric` later): per-chunk type inference would disagree.
                 header = pd.read_csv(path, nrows=0, sep=sep).columns
                 features = datasets.Features({c: datasets.Value("string") for c in header})
                 dataset = datasets.Dataset.from_csv(str(path), features=features, sep=sep, **common)
             return dataset.to_pandas()
-    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as e:  # parser errors
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, RecursionError) as e:
+        # parser errors (RecursionError: arrays nested too deep for the json module)
         hint = f" (delimiter {sep!r}: quote the fields that contain it)" if fmt == "csv" else ""
         raise ValueError(f"{path}: cannot read it as a {fmt} table{hint}: {_root_cause(e)}") from None
+
+
+def _is_json_array(path: str | os.PathLike) -> bool:
+    """Whether a JSON file holds one array (of row objects) rather than JSON lines."""
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _array_as_lines(path: str | os.PathLike, directory: Path) -> Path:
+    """A JSON array rewritten as JSON lines in `directory` by Python's json module: `datasets` re-encodes
+    arrays with ujson, which turns `Infinity` into null (a +inf confidence would silently become unknown)
+    and may round a float's last digit."""
+    with open(path, encoding="utf-8-sig") as f:
+        rows = json.load(f)
+    lines = directory / "rows.jsonl"
+    lines.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    return lines
 
 
 def _delimiter(path: str | os.PathLike) -> str:
