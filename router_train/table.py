@@ -502,7 +502,7 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
             if fmt == "parquet":
                 dataset = datasets.Dataset.from_parquet(str(path), **common)
             elif fmt == "json":
-                source = _array_as_lines(path, Path(cache)) if _is_json_array(path) else path
+                source = _json_rows(path, Path(cache))
                 # One block for the whole file, so column types are inferred from all rows, not only the first block.
                 dataset = datasets.Dataset.from_json(str(source), chunksize=os.path.getsize(source) + 1, **common)
             else:
@@ -517,18 +517,26 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
         raise ValueError(f"{path}: cannot read it as a {fmt} table{hint}: {_root_cause(e)}") from None
 
 
-def _is_json_array(path: str | os.PathLike) -> bool:
-    """Whether a JSON file holds one array (of row objects) rather than JSON lines."""
-    with open(path, "rb") as f:
-        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
-
-
-def _array_as_lines(path: str | os.PathLike, directory: Path) -> Path:
-    """A JSON array rewritten as JSON lines in `directory` by Python's json module: `datasets` re-encodes
-    arrays with ujson, which turns `Infinity` into null (a +inf confidence would silently become unknown)
-    and may round a float's last digit."""
+def _json_rows(path: str | os.PathLike, directory: Path) -> Path:
+    """The rows of a JSON array or JSON-lines file, read by Python's json module, checked to be objects and
+    written as JSON lines into `directory` for `datasets`: pyarrow's reader crashes the process on a row
+    that is `null`, and `datasets` re-encodes arrays with ujson, which turns `Infinity` into null (a +inf
+    confidence would silently become unknown) and may round a float's last digit."""
     with open(path, encoding="utf-8-sig") as f:
-        rows = json.load(f)
+        text = f.read()
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {number}: {e}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"row {i} is {json.dumps(row)[:40]}, not an object of column values")
     lines = directory / "rows.jsonl"
     lines.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
     return lines

@@ -129,6 +129,20 @@ def test_json_arrays_keep_infinities(tmp_path: Path) -> None:
         load_table(deep)
 
 
+def test_json_rows_must_be_objects(tmp_path: Path) -> None:
+    """A `null` row crashed the process in pyarrow's reader; other non-objects are named too."""
+    row = json.dumps(long_table().astype(object).iloc[0].to_dict())
+    for name, text, match in [
+        ("nulls.jsonl", "null\n" + row, r"row 0 is null, not an object of column values"),
+        ("nulls.json", f"[{row}, null]", r"row 1 is null, not an object of column values"),
+        ("number.jsonl", row + "\n\n5\n", r"row 1 is 5, not an object"),
+        ("broken.jsonl", row + "\n{\"query_id\": \n", r"line 2: Expecting value: line 1 column 14"),
+    ]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}: cannot read it as a json table: {match}"):
+            load_table(tmp_path / name)
+
+
 def test_empty_model_names_are_rejected(tmp_path: Path) -> None:
     df = long_table()
     df.loc[4, "model"] = " "
