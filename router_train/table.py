@@ -11,6 +11,7 @@ count the file's data rows from 0. `load_train_test` reads a training and a sepa
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -502,9 +503,13 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
             if fmt == "parquet":
                 dataset = datasets.Dataset.from_parquet(str(path), **common)
             elif fmt == "json":
-                source = _json_rows(path, Path(cache))
+                rows = _json_rows(path)
+                if not rows:
+                    return pd.DataFrame()
+                lines = Path(cache) / "rows.jsonl"
+                lines.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
                 # One block for the whole file, so column types are inferred from all rows, not only the first block.
-                dataset = datasets.Dataset.from_json(str(source), chunksize=os.path.getsize(source) + 1, **common)
+                dataset = datasets.Dataset.from_json(str(lines), chunksize=os.path.getsize(lines) + 1, **common)
             else:
                 # Every CSV column as text (parsed by `_numeric` later): per-chunk type inference would disagree.
                 header = pd.read_csv(path, nrows=0, sep=sep).columns
@@ -517,13 +522,12 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
         raise ValueError(f"{path}: cannot read it as a {fmt} table{hint}: {_root_cause(e)}") from None
 
 
-def _json_rows(path: str | os.PathLike, directory: Path) -> Path:
-    """The rows of a JSON array or JSON-lines file, read by Python's json module, checked to be objects and
-    written as JSON lines into `directory` for `datasets`: pyarrow's reader crashes the process on a row
-    that is `null`, and `datasets` re-encodes arrays with ujson, which turns `Infinity` into null (a +inf
-    confidence would silently become unknown) and may round a float's last digit."""
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+def _json_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON array or JSON-lines file, read by Python's json module and checked to be objects,
+    for `datasets` to read as JSON lines: pyarrow's reader crashes the process on a row that is `null`,
+    and `datasets` re-encodes arrays with ujson, which turns `Infinity` into null (a +inf confidence would
+    silently become unknown) and may round a float's last digit."""
+    text = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
     if text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
@@ -537,9 +541,7 @@ def _json_rows(path: str | os.PathLike, directory: Path) -> Path:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"row {i} is {json.dumps(row)[:40]}, not an object of column values")
-    lines = directory / "rows.jsonl"
-    lines.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
-    return lines
+    return rows
 
 
 def _delimiter(path: str | os.PathLike) -> str:

@@ -141,6 +141,11 @@ def test_json_rows_must_be_objects(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=rf"{name}: cannot read it as a json table: {match}"):
             load_table(tmp_path / name)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef")  # a third of a byte-order mark
+    with pytest.raises(ValueError, match=r"bom.jsonl: cannot read it as a json table: 'utf-8' codec can't decode"):
+        load_table(tmp_path / "bom.jsonl")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (row + "\n").encode())
+    assert load_table(tmp_path / "bom.jsonl").query_ids == ["q0"]  # a whole one is skipped
 
 
 def test_empty_model_names_are_rejected(tmp_path: Path) -> None:
