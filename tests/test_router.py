@@ -104,6 +104,14 @@ def test_cascades_are_served_uncapped(router, mode):
     assert decision.step == 3 and decision.next_model in (None, router.models[3])
 
 
+def test_a_positive_log_probability_counts_as_zero(router):
+    """A confidence above 0 (a unit error) made NaN estimates and failed the whole batch."""
+    def decide(confidence):
+        observed = [[], [{"model": router.models[0], "answer": "A", "confidence": confidence}]]
+        return [d.to_dict() for d in router.route_batch(["what is two plus two", "the capital of france"], observed)]
+    assert decide(46.0) == decide(1e10) == decide(0.0) != decide(-3.0)
+
+
 def test_cascade_mode_needs_runs_in_cost_order(router):
     with pytest.raises(ValueError, match="query 0 is not a prefix"):
         router.route_batch(["x"], [[{"model": router.models[2]}]], mode="cascade")
