@@ -111,12 +111,13 @@ def data_fingerprint(paths: list[Path]) -> str:
 
 
 def start_wandb(config: TrainConfig, directory: Path):
-    """An offline-by-default wandb run (WANDB_MODE from the environment wins); None when disabled."""
-    import wandb
-
+    """An offline-by-default wandb run (WANDB_MODE from the environment wins); None when disabled (then
+    wandb, slow to import, is not imported)."""
     mode = os.environ.get("WANDB_MODE", config.wandb.mode)
     if mode == "disabled":
         return None
+    import wandb
+
     directory.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=config.wandb.project, name=config.run_name, mode=mode, dir=str(directory),
                       config=to_dict(config), reinit="finish_previous")
