@@ -562,7 +562,11 @@ class Driver:
 
     def close(self) -> None:
         self.process.stdin.close()
-        self.process.wait(60)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:  # stuck in a run that a failed test left behind
+            self.process.kill()
+            self.process.wait(60)
 
 
 @pytest.fixture(scope="module")
