@@ -373,6 +373,18 @@ def test_route_batch_answers_any_json_with_a_decision_or_a_4xx_naming_the_field(
     assert_route_answer(router, response, body, path[0])
 
 
+@fuzz(120)
+@given(path=st.sampled_from(ROUTE_PATHS[:-1]), value=JSON_VALUES, delete=st.booleans())
+def test_route_batch_in_process_raises_only_value_errors_naming_the_argument(gateway, path, value, delete):
+    router, _ = gateway
+    body = edit(route_body(router), path, value, delete)
+    try:
+        with time_limit(30):
+            in_process(router, {"queries": None, **body})
+    except ValueError as e:
+        assert path[0] in str(e), str(e)
+
+
 @fuzz(40)
 @given(raw=st.binary(max_size=200) | st.text(max_size=60).map(str.encode), endpoint=st.sampled_from(
     ["/route_batch", "/v1/chat/completions"]))

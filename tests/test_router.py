@@ -57,8 +57,9 @@ def test_budget_interpolates_between_calibrated_strategies(router):
         assert min(lo, hi) - 1e-9 <= x <= max(lo, hi) + 1e-9
     with pytest.raises(ValueError, match="outside the calibrated range"):
         router.route_batch(["q"], budget=budgets[-1] * 2)
-    with pytest.raises(ValueError, match="outside the calibrated range"):
-        router.route_batch(["q"], budget=math.nan)
+    for bad in (math.nan, 10**400, -(10**400)):
+        with pytest.raises(ValueError, match="outside the calibrated range"):
+            router.route_batch(["q"], budget=bad)
     for bad in ("1e-4", True, [budgets[1]]):
         with pytest.raises(ValueError, match=r"budget must be a number in the calibrated range .* got (str|bool|list)"):
             router.route_batch(["q"], budget=bad)
@@ -88,11 +89,20 @@ def test_modes(router, mode):
         (["a"], [[{"model": "model-0", "answer": 7}]], r"observed\[0\]\[0\].answer must be a string"),
         (["a"], [[{"model": "model-0", "tokens_out": -3}]], r"observed\[0\]\[0\].tokens_out must be >= 0"),
         (["a"], ["model-0"], r"observed\[0\] must be a list"),
+        (["a", "b\ud800"], None, r"queries\[1\] is not valid Unicode text \(it holds a lone surrogate\)"),
+        (["a"], [[{"model": "model-0", "tokens_out": 10**400}]], r"observed\[0\]\[0\].tokens_out is an integer beyond"),
+        (["a"], [[{"model": "model-0", "confidence": -10**400}]], r"observed\[0\]\[0\].confidence is an integer beyond"),
+        (["a"], [[{"model": ["model-0"]}]], r"observed\[0\]\[0\].model \['model-0'\] is not in the checkpoint"),
     ],
 )
 def test_bad_input_names_the_query_and_field(router, queries, observed, message):
     with pytest.raises(ValueError, match=message):
         router.route_batch(queries, observed)
+
+
+def test_sources_must_be_strings(router):
+    with pytest.raises(ValueError, match=r"sources\[1\] must be a string, got list"):
+        router.route_batch(["a", "b"], sources=["task0", ["task1"]])
 
 
 @pytest.mark.parametrize("mode", ["cascade", "threshold_cascade"])
