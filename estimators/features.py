@@ -59,7 +59,8 @@ def answer_features(
     n: int,
     k: int,
 ) -> AnswerFeatures:
-    """Features of an n × k grid of answers (None = no answer) and log-prob confidences (NaN = none)."""
+    """Features of an n × k grid of answers (None = no answer) and log-prob confidences (NaN = none; above
+    0 counts as 0)."""
     has_answer = torch.zeros(n, k, dtype=torch.bool)
     length = torch.zeros(n, k)
     key_id = torch.full((n, k), -1, dtype=torch.long)
@@ -88,5 +89,7 @@ def answer_features(
         has_conf = torch.zeros(n, k, dtype=torch.bool)
     else:
         has_conf = torch.isfinite(confidence)
-        conf = torch.where(has_conf, confidence, 0.0).float()
+        # a log-probability is at most 0: a larger one (rounding, a unit error) counts as 0 instead of
+        # overflowing exp(confidence) in the network into NaN estimates
+        conf = torch.where(has_conf, confidence.clamp(max=0.0), 0.0).float()
     return AnswerFeatures(has_answer, conf, has_conf, length, agree, overlap)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from router_train.outputs import atomic_write_json
+from router_train.outputs import atomic_write_json, staged_output_dir
 
 from .features import AnswerFeatures
 from .network import QualityNet, wide_features
@@ -236,11 +236,13 @@ def train_quality(
         if log is not None:
             log(record)
         if state_dir is not None and accelerator.is_main_process:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            accelerator.save_state(str(state_dir / "accelerate"))
-            if best is not None:
-                save_file({n: t.contiguous() for n, t in best.items()}, str(state_dir / "best.safetensors"))
-            atomic_write_json(state_dir / "progress.json", progress)
+            # the whole epoch's state replaces the last one at once: an interrupt while saving leaves the
+            # previous epoch's weights, optimizer and progress together, and resuming stays exact
+            with staged_output_dir(state_dir, overwrite=True, flag="state_dir") as staging:
+                accelerator.save_state(str(staging / "accelerate"))
+                if best is not None:
+                    save_file({n: t.contiguous() for n, t in best.items()}, str(staging / "best.safetensors"))
+                atomic_write_json(staging / "progress.json", progress)
     unwrapped = accelerator.unwrap_model(module)
     if best is not None:
         unwrapped.load_state_dict(best)

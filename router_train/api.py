@@ -34,7 +34,7 @@ class Observation(Strict):
 
     model: str = Field(description="a model of the checkpoint")
     answer: Text | None = None
-    confidence: float | None = Field(None, description="log-probability of the answer")
+    confidence: float | None = Field(None, description="log-probability of the answer (<= 0; above counts as 0)")
     tokens_out: float | None = Field(None, ge=0)
     cost: float | None = Field(None, ge=0, description="USD actually spent on this call")
 

@@ -1,5 +1,6 @@
-"""The export manifest (`manifest.json`): what a serving process needs besides the weights, and the
-SHA-256 of every other file of the export, checked at load."""
+"""The export manifest (`manifest.json`): what a serving process needs besides the weights, the SHA-256
+of every other file of the export and its own SHA-256 (`manifest_sha256`, of its other fields), all
+checked at load."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ VERSION = 2
 ESTIMATOR_FILES = ("estimator.safetensors", "estimator.json")
 REQUIRED_FILES = ("manifest.json", *ESTIMATOR_FILES)
 REQUIRED_FIELDS = ("models", "budgets", "strategies", "max_depth", "kernel", "files")
+SEAL = "manifest_sha256"
+"""The manifest's own checksum: a changed byte in manifest.json (a budget, a λ) would silently change
+decisions. Manifests written before it was added have none and are read unchecked."""
 
 
 def sha256(path: Path) -> str:
@@ -24,6 +28,18 @@ def sha256(path: Path) -> str:
 def checksums(directory: str | Path) -> dict[str, str]:
     """SHA-256 of every file in an export directory but manifest.json, by file name."""
     return {p.name: sha256(p) for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name != "manifest.json"}
+
+
+def fields_digest(manifest: dict) -> str:
+    """Hex SHA-256 of the manifest's fields but the seal, as canonical JSON (sorted keys, no spaces):
+    independent of the file's layout, so it survives a re-indent but not a changed value or key."""
+    fields = {key: value for key, value in manifest.items() if key != SEAL}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(manifest: dict) -> dict:
+    """`manifest` with its own checksum (`SEAL`), to write as manifest.json."""
+    return {**manifest, SEAL: fields_digest(manifest)}
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -46,6 +62,11 @@ def read_manifest(directory: str | Path) -> dict:
     if not isinstance(manifest, dict):
         raise ValueError(
             f"{path} must hold a JSON object, got a {type(manifest).__name__}; export the checkpoint again"
+        )
+    if SEAL in manifest and manifest[SEAL] != fields_digest(manifest):
+        raise ValueError(
+            f"{path} does not match its own SHA-256 ({SEAL}): it was corrupted or edited after export; "
+            "restore it or export the checkpoint again"
         )
     if manifest.get("format") != FORMAT or manifest.get("manifest_version") != VERSION:
         raise ValueError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -121,7 +122,7 @@ class CascadeRouter:
                 f"budget must be a number in the calibrated range [{lo:.6g}, {hi:.6g}] (USD per query), got "
                 f"{type(budget).__name__} {budget!r}"
             )
-        if not math.isfinite(budget) or not lo <= budget <= hi:
+        if not lo <= budget <= hi or not math.isfinite(budget):  # the comparisons first: exact for huge integers
             raise ValueError(
                 f"budget {budget!r} is outside the calibrated range [{lo:.6g}, {hi:.6g}] (USD per query); "
                 "choose a budget inside it or recalibrate with other budgets"
@@ -161,6 +162,10 @@ class CascadeRouter:
         for i, q in enumerate(queries):
             if not isinstance(q, str):
                 raise ValueError(f"queries[{i}] must be a string, got {type(q).__name__}")
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"queries[{i}] is not valid Unicode text (it holds a lone surrogate)") from None
         n = len(queries)
         if observed is None:
             observed = [[] for _ in range(n)]
@@ -169,6 +174,9 @@ class CascadeRouter:
             raise ValueError(f"observed must have one list per query: {n} queries, got {got}")
         if sources is not None and (not isinstance(sources, (list, tuple)) or len(sources) != n):
             raise ValueError(f"sources must be None or one string per query ({n})")
+        for i, source in enumerate(sources or []):
+            if not isinstance(source, str):
+                raise ValueError(f"sources[{i}] must be a string, got {type(source).__name__}")
         for i, seen in enumerate(observed):
             if not isinstance(seen, (list, tuple)):
                 raise ValueError(f"observed[{i}] must be a list of {{model, answer, ...}} objects")
@@ -181,7 +189,7 @@ class CascadeRouter:
                 if unknown:
                     raise ValueError(f"{where} has unknown field(s) {unknown}; allowed: {list(OBSERVATION_FIELDS)}")
                 model = item.get("model")
-                if model not in self._index:
+                if not isinstance(model, str) or model not in self._index:
                     raise ValueError(f"{where}.model {model!r} is not in the checkpoint; models: {self.models}")
                 if model in names:
                     raise ValueError(f"observed[{i}]: model {model!r} is observed twice")
@@ -195,6 +203,8 @@ class CascadeRouter:
                         continue
                     if isinstance(value, bool) or not isinstance(value, (int, float)):
                         raise ValueError(f"{where}.{key} must be a number, got {value!r}")
+                    if isinstance(value, int) and abs(value) > sys.float_info.max:
+                        raise ValueError(f"{where}.{key} is an integer beyond any float; pass a finite number")
                     if math.isnan(value) or value == math.inf or (key != "confidence" and not math.isfinite(value)):
                         raise ValueError(f"{where}.{key} is {value}; pass a finite number or leave it out")
                     if low is not None and value < low:

@@ -11,7 +11,9 @@ count the file's data rows from 0. `load_train_test` reads a training and a sepa
 
 from __future__ import annotations
 
+import codecs
 import csv
+import json
 import os
 import sys
 import tempfile
@@ -501,17 +503,45 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
             if fmt == "parquet":
                 dataset = datasets.Dataset.from_parquet(str(path), **common)
             elif fmt == "json":
+                rows = _json_rows(path)
+                if not rows:
+                    return pd.DataFrame()
+                lines = Path(cache) / "rows.jsonl"
+                lines.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
                 # One block for the whole file, so column types are inferred from all rows, not only the first block.
-                dataset = datasets.Dataset.from_json(str(path), chunksize=os.path.getsize(path) + 1, **common)
+                dataset = datasets.Dataset.from_json(str(lines), chunksize=os.path.getsize(lines) + 1, **common)
             else:
                 # Every CSV column as text (parsed by `_numeric` later): per-chunk type inference would disagree.
                 header = pd.read_csv(path, nrows=0, sep=sep).columns
                 features = datasets.Features({c: datasets.Value("string") for c in header})
                 dataset = datasets.Dataset.from_csv(str(path), features=features, sep=sep, **common)
             return dataset.to_pandas()
-    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as e:  # parser errors
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, RecursionError) as e:
+        # parser errors (RecursionError: arrays nested too deep for the json module)
         hint = f" (delimiter {sep!r}: quote the fields that contain it)" if fmt == "csv" else ""
         raise ValueError(f"{path}: cannot read it as a {fmt} table{hint}: {_root_cause(e)}") from None
+
+
+def _json_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON array or JSON-lines file, read by Python's json module and checked to be objects,
+    for `datasets` to read as JSON lines: pyarrow's reader crashes the process on a row that is `null`,
+    and `datasets` re-encodes arrays with ujson, which turns `Infinity` into null (a +inf confidence would
+    silently become unknown) and may round a float's last digit."""
+    text = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {number}: {e}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"row {i} is {json.dumps(row)[:40]}, not an object of column values")
+    return rows
 
 
 def _delimiter(path: str | os.PathLike) -> str:

@@ -111,12 +111,13 @@ def data_fingerprint(paths: list[Path]) -> str:
 
 
 def start_wandb(config: TrainConfig, directory: Path):
-    """An offline-by-default wandb run (WANDB_MODE from the environment wins); None when disabled."""
-    import wandb
-
+    """An offline-by-default wandb run (WANDB_MODE from the environment wins); None when disabled (then
+    wandb, slow to import, is not imported)."""
     mode = os.environ.get("WANDB_MODE", config.wandb.mode)
     if mode == "disabled":
         return None
+    import wandb
+
     directory.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=config.wandb.project, name=config.run_name, mode=mode, dir=str(directory),
                       config=to_dict(config), reinit="finish_previous")
@@ -124,9 +125,9 @@ def start_wandb(config: TrainConfig, directory: Path):
 
 def manifest(config: TrainConfig, estimator: LearnedEstimator, metrics: dict, sizes: dict, files: dict) -> dict:
     """Everything a serving process needs to know about an export besides the weights; `files` maps the
-    export's other files to their SHA-256, checked at load."""
+    export's other files to their SHA-256, checked at load, and the manifest is sealed with its own."""
     strategies = {mode: metrics["strategies"][mode] for mode in config.calibration.methods}
-    return {
+    return manifest_format.seal({
         "format": manifest_format.FORMAT,
         "manifest_version": manifest_format.VERSION,
         "package_version": __version__,
@@ -147,7 +148,7 @@ def manifest(config: TrainConfig, estimator: LearnedEstimator, metrics: dict, si
         "files": files,
         "data": sizes,
         "config": to_dict(config),
-    }
+    })
 
 
 def clean_leftovers(run_dir: Path, log=print) -> None:

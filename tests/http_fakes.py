@@ -37,6 +37,14 @@ def default_answer(model: str, prompt: str) -> Answer:
     return text, [(t, -2.0 * h[1 + i % 30] / 255) for i, t in enumerate(tokens)], len(prompt.split())
 
 
+def message_text(message: dict) -> str:
+    """A chat message's text, as OpenAI accepts it: a string, a list of text parts, or no content."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content)
+    return content or ""
+
+
 class FakeBackend:
     """Serves every model id it is asked for. `delay[id]` seconds of latency, ids in `down` answer 500,
     `errors[id]` lists statuses to answer before succeeding (429, 503, ...); `calls` counts calls per id.
@@ -68,7 +76,7 @@ class FakeBackend:
         if model in self.down or self.errors.get(model):
             status = self.errors[model].pop(0) if self.errors.get(model) else 500
             return JSONResponse({"error": {"message": f"{model} is unavailable", "type": "server_error"}}, status)
-        prompt = "\n".join(m["content"] for m in body["messages"])
+        prompt = "\n".join(message_text(m) for m in body["messages"])
         text, tokens, prompt_tokens, *completion = self.answer(model, prompt)
         completion_tokens = completion[0] if completion else len(tokens)
         logprobs = None

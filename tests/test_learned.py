@@ -136,6 +136,32 @@ def test_training_resumes_where_it_stopped(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_an_interrupt_while_saving_an_epoch_resumes_exactly(tmp_path, monkeypatch):
+    """SIGINT between an epoch's weights and its progress file: the resumed run still equals an
+    uninterrupted one (it resumed epoch-2 weights as epoch 1's and trained them again)."""
+    from estimators import training
+
+    table = random_table(80, 3, seed=6).train()
+    encoder_dir = tiny_encoder_dir(tmp_path / "encoder")
+    config = tiny_config(encoder_dir, tmp_path / "c", epochs=3, patience=5)
+    full = LearnedEstimator(config).fit(table)
+    state = tmp_path / "state"
+    write = training.atomic_write_json
+
+    def interrupted(path, progress):
+        if progress["epoch"] == 2:
+            raise KeyboardInterrupt
+        write(path, progress)
+    monkeypatch.setattr(training, "atomic_write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        LearnedEstimator(config).fit(table, state_dir=state)
+    monkeypatch.undo()
+    resumed = LearnedEstimator(config).fit(table, state_dir=state)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_lora_fine_tuning_exports_its_adapter(tmp_path):
     table = random_table(60, 3, seed=7)
     config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "c", epochs=1)

@@ -11,6 +11,7 @@ import torch
 
 from estimators.learned import LearnedEstimator
 from router_train import CascadeRouter
+from router_train.manifest import seal
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,9 @@ def test_budget_interpolates_between_calibrated_strategies(router):
         assert min(lo, hi) - 1e-9 <= x <= max(lo, hi) + 1e-9
     with pytest.raises(ValueError, match="outside the calibrated range"):
         router.route_batch(["q"], budget=budgets[-1] * 2)
-    with pytest.raises(ValueError, match="outside the calibrated range"):
-        router.route_batch(["q"], budget=math.nan)
+    for bad in (math.nan, 10**400, -(10**400)):
+        with pytest.raises(ValueError, match="outside the calibrated range"):
+            router.route_batch(["q"], budget=bad)
     for bad in ("1e-4", True, [budgets[1]]):
         with pytest.raises(ValueError, match=r"budget must be a number in the calibrated range .* got (str|bool|list)"):
             router.route_batch(["q"], budget=bad)
@@ -87,11 +89,20 @@ def test_modes(router, mode):
         (["a"], [[{"model": "model-0", "answer": 7}]], r"observed\[0\]\[0\].answer must be a string"),
         (["a"], [[{"model": "model-0", "tokens_out": -3}]], r"observed\[0\]\[0\].tokens_out must be >= 0"),
         (["a"], ["model-0"], r"observed\[0\] must be a list"),
+        (["a", "b\ud800"], None, r"queries\[1\] is not valid Unicode text \(it holds a lone surrogate\)"),
+        (["a"], [[{"model": "model-0", "tokens_out": 10**400}]], r"observed\[0\]\[0\].tokens_out is an integer beyond"),
+        (["a"], [[{"model": "model-0", "confidence": -10**400}]], r"observed\[0\]\[0\].confidence is an integer beyond"),
+        (["a"], [[{"model": ["model-0"]}]], r"observed\[0\]\[0\].model \['model-0'\] is not in the checkpoint"),
     ],
 )
 def test_bad_input_names_the_query_and_field(router, queries, observed, message):
     with pytest.raises(ValueError, match=message):
         router.route_batch(queries, observed)
+
+
+def test_sources_must_be_strings(router):
+    with pytest.raises(ValueError, match=r"sources\[1\] must be a string, got list"):
+        router.route_batch(["a", "b"], sources=["task0", ["task1"]])
 
 
 @pytest.mark.parametrize("mode", ["cascade", "threshold_cascade"])
@@ -101,6 +112,14 @@ def test_cascades_are_served_uncapped(router, mode):
     observed = [[{"model": m, "answer": "A", "confidence": -2.0} for m in router.models[:3]]]
     decision = router.route_batch(["what is one plus two"], observed, mode=mode)[0]
     assert decision.step == 3 and decision.next_model in (None, router.models[3])
+
+
+def test_a_positive_log_probability_counts_as_zero(router):
+    """A confidence above 0 (a unit error) made NaN estimates and failed the whole batch."""
+    def decide(confidence):
+        observed = [[], [{"model": router.models[0], "answer": "A", "confidence": confidence}]]
+        return [d.to_dict() for d in router.route_batch(["what is two plus two", "the capital of france"], observed)]
+    assert decide(46.0) == decide(1e10) == decide(0.0) != decide(-3.0)
 
 
 def test_cascade_mode_needs_runs_in_cost_order(router):
@@ -118,7 +137,7 @@ def test_broken_checkpoints_fail_at_load(export, tmp_path):
     shutil.copytree(export, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["manifest_version"] = 7
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(ValueError, match="unknown manifest format 'router-train' version 7"):
         CascadeRouter.load(broken)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -148,7 +167,7 @@ def test_changed_files_fail_the_checksum_at_load(export, router, tmp_path):
     for name in ("manifest.json", "estimator.json"):
         data = json.loads((edited / name).read_text())
         data["models"] = ["model-0", "model-2", "model-1"]
-        (edited / name).write_text(json.dumps(data))
+        (edited / name).write_text(json.dumps(seal(data) if name == "manifest.json" else data))
     with pytest.raises(ValueError, match="edited/estimator.json does not match its SHA-256"):
         CascadeRouter.load(edited)
     (edited / "manifest.json").unlink()  # without a manifest, the estimator's own lists disagree
@@ -158,14 +177,31 @@ def test_changed_files_fail_the_checksum_at_load(export, router, tmp_path):
     extra = copy_export(export, tmp_path / "extra")
     manifest = json.loads((extra / "manifest.json").read_text())
     manifest["files"]["../escape"] = manifest["files"]["metrics.json"]
-    (extra / "manifest.json").write_text(json.dumps(manifest))
+    (extra / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(ValueError, match="names '../escape', which is not a file of the export"):
         CascadeRouter.load(extra)
     (extra / "metrics.json").unlink()
     del manifest["files"]["../escape"]
-    (extra / "manifest.json").write_text(json.dumps(manifest))
+    (extra / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(FileNotFoundError, match="extra/metrics.json is missing"):
         CascadeRouter.load(extra)
+
+
+def test_a_changed_value_in_the_manifest_fails_its_own_checksum(export, tmp_path):
+    """A budget or λ changed in manifest.json would change decisions silently; a re-indent changes nothing."""
+    original = json.loads((export / "manifest.json").read_text())
+    assert original["manifest_sha256"]
+    edited = copy_export(export, tmp_path / "edited")
+    manifest = dict(original, budgets=[b * 1.01 for b in original["budgets"]])
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    for load in (CascadeRouter.load, LearnedEstimator.load):
+        with pytest.raises(ValueError, match=r"edited/manifest.json does not match its own SHA-256 \(manifest_sha256\)"):
+            load(edited)
+    (edited / "manifest.json").write_text(json.dumps(original, indent=None, sort_keys=True))
+    assert CascadeRouter.load(edited).manifest == original
+    del original["manifest_sha256"]  # an export written before the seal loads unchecked
+    (edited / "manifest.json").write_text(json.dumps(original))
+    assert CascadeRouter.load(edited).budgets == original["budgets"]
 
 
 @pytest.mark.parametrize("name, damage", [
