@@ -43,12 +43,21 @@ class CalibrationConfig:
     seed: int = 0
     lambda_log_range: float = 2.0  # per-step λ_t = scale · exp(u_t), u_t in [-range, range]
     threshold_range: float = 0.3  # per-step θ_t = scale + u_t, u_t in [-range, range]
+    cascade_routing_trials: int | None = None  # TPE trials for cascade routing alone (None: n_trials; 0: one λ)
     sigma_scales: tuple[float, ...] = (1.0,)  # Σ multipliers tried for the modes that use Σ; the best is kept
     min_spend: float = 0.0  # a cheaper strategy replaces the budget-meeting one only if it spends ≥ this share
 
     def __post_init__(self) -> None:
+        if self.cascade_routing_trials is not None and self.cascade_routing_trials < 0:
+            raise ValueError(f"cascade_routing_trials must be >= 0 (0: one λ for every step), got {self.cascade_routing_trials}")
         if not 0.0 <= self.min_spend <= 1.0:
             raise ValueError(f"min_spend must be in [0, 1] (a share of the budget), got {self.min_spend}")
+
+    def trials_for(self, mode: str) -> int:
+        """TPE trials of the per-step search for `mode` (0: one shared multiplier for every step)."""
+        if mode == "cascade_routing" and self.cascade_routing_trials is not None:
+            return self.cascade_routing_trials
+        return self.n_trials
 
 
 class _Family:
@@ -124,7 +133,7 @@ def _calibrate_family(sim: Simulator, family: _Family, budget: float, config: Ca
             measure(theta, family.neutral)
     scale = _bisect(lambda s: measure(s, family.neutral)[0], budget, family, config.bisect_iters)
     shape = family.neutral
-    if family.n_params > 1 and config.n_trials > 0 and not (not family.threshold and scale == 0.0):
+    if family.n_params > 1 and config.trials_for(family.mode) > 0 and not (not family.threshold and scale == 0.0):
         shape = _search_shape(measure, scale, budget, family, config)
         if shape != family.neutral:
             scale = _bisect(lambda s: measure(s, shape)[0], budget, family, config.bisect_iters)
@@ -203,7 +212,7 @@ def _search_shape(measure, scale: float, budget: float, family: _Family, config:
 
     sampler = optuna.samplers.TPESampler(seed=config.seed)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    study.optimize(objective, n_trials=config.n_trials)
+    study.optimize(objective, n_trials=config.trials_for(family.mode))
     if not feasible:
         return family.neutral
     return max(feasible, key=lambda f: f[0])[1]

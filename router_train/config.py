@@ -38,7 +38,8 @@ class CalibrationSettings:
     folds: int = 5  # λ/γ are calibrated on out-of-fold estimates of all training queries (cross-fitting)
     max_depth: int = 3  # depth cap of cascade routing; the cascades run uncapped
     budgets: int = 20
-    trials: int = 30
+    trials: int = 30  # TPE trials for the per-step thresholds / λ of the cascades
+    cascade_routing_trials: int | None = None  # the same for cascade routing (None: `trials`; 0: one shared λ)
     samples: int = 100
     bootstrap: int = 500
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -81,6 +82,10 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         raise ValueError(f"{path}: data.split must be auto, column or seeded, got {config.data.split!r}")
     if config.calibration.folds < 2:
         raise ValueError(f"{path}: calibration.folds must be at least 2, got {config.calibration.folds}")
+    for key in ("trials", "cascade_routing_trials"):
+        value = getattr(config.calibration, key)
+        if value is not None and value < 0:
+            raise ValueError(f"{path}: calibration.{key} must be >= 0 (0: one multiplier for every step), got {value}")
     if not 0.0 <= config.calibration.min_spend <= 1.0:
         raise ValueError(f"{path}: calibration.min_spend is a share of the budget in [0, 1], "
                          f"got {config.calibration.min_spend}")

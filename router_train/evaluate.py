@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-order", action="store_true", help="cascade routing runs models in cost order only")
     p.add_argument("--samples", type=int, default=100, help="quasi-Monte-Carlo samples of E[max] (default 100)")
     p.add_argument("--trials", type=int, default=50, help="TPE trials for per-step multipliers (default 50)")
+    p.add_argument("--cascade-routing-trials", type=int,
+                   help="TPE trials for cascade routing's per-step λ (default: --trials; 0: one λ for every step, "
+                   "as the training recipes do)")
     p.add_argument("--sigma-scales", help="comma-separated Σ multipliers calibrated for cascade and cascade "
                    "routing (default: 1 for the noisy estimator, 0,0.5,1 for trained estimators)")
     p.add_argument("--min-spend", type=float, default=0.0,
@@ -323,8 +326,8 @@ def run(args) -> dict:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         kernel=KernelConfig(n_samples=args.samples, seed=args.seed),
-        calibration=CalibrationConfig(n_trials=args.trials, seed=args.seed, sigma_scales=sigma_scales,
-                                      min_spend=args.min_spend),
+        calibration=CalibrationConfig(n_trials=args.trials, cascade_routing_trials=args.cascade_routing_trials,
+                                      seed=args.seed, sigma_scales=sigma_scales, min_spend=args.min_spend),
     )
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     log(f"evaluating {len(methods)} methods: calibrating on {train.n} queries, testing on {test.n}, "

@@ -251,8 +251,8 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
         n_bootstrap=cal.bootstrap,
         seed=config.seed,
         kernel=KernelConfig(n_samples=cal.samples, seed=config.seed),
-        calibration=CalibrationConfig(n_trials=cal.trials, seed=config.seed, sigma_scales=tuple(cal.sigma_scales),
-                                      min_spend=cal.min_spend),
+        calibration=CalibrationConfig(n_trials=cal.trials, cascade_routing_trials=cal.cascade_routing_trials,
+                                      seed=config.seed, sigma_scales=tuple(cal.sigma_scales), min_spend=cal.min_spend),
     )
     t0 = time.perf_counter()
     metrics = evaluate(train, test, estimator, eval_config, log=log, calibration_estimator=out_of_fold)

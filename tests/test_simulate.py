@@ -141,6 +141,28 @@ def test_calibration_prefers_quality_over_spending(setup):
     assert spending.cost > fit.cost
 
 
+def test_cascade_routing_trials_apply_to_cascade_routing_alone(setup):
+    """0 trials for cascade routing: one λ for every step, while the cascades still search per-step values."""
+    table, estimator, _ = setup
+    sim = Simulator(table.train(), estimator, kernel=KERNEL)
+    costs = table.train().cost.mean(0)
+    budget = float(costs[1] + 0.4 * (costs[3] - costs[1]))
+    config = CalibrationConfig(n_trials=8, cascade_routing_trials=0, seed=0)
+    shared_runs, searched_runs = {}, {}
+    shared = calibrate(sim, "cascade_routing", budget, max_depth=3, config=config, memo=shared_runs)
+    assert len(set(shared.strategy.lambdas)) == 1 and shared.strategy.lambdas[0] > 0
+    assert shared.cost == pytest.approx(budget, rel=1e-6)
+    assert all(len(set(s.lambdas)) == 1 for s in shared_runs)  # no per-step shape was ever simulated
+    calibrate(sim, "cascade_routing", budget, max_depth=3, config=CalibrationConfig(n_trials=8, seed=0),
+              memo=searched_runs)
+    assert any(len(set(s.lambdas)) > 1 for s in searched_runs)
+    cascade = calibrate(sim, "threshold_cascade", budget, max_depth=3, config=config)
+    assert cascade.strategy == calibrate(sim, "threshold_cascade", budget, max_depth=3,
+                                         config=CalibrationConfig(n_trials=8, seed=0)).strategy
+    with pytest.raises(ValueError, match="cascade_routing_trials must be >= 0"):
+        CalibrationConfig(cascade_routing_trials=-1)
+
+
 def test_min_spend_must_be_a_share():
     with pytest.raises(ValueError, match="min_spend must be in \\[0, 1\\]"):
         CalibrationConfig(min_spend=1.5)
