@@ -3,6 +3,7 @@
 a valid OpenAPI document."""
 
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -143,6 +144,35 @@ def test_caps_and_large_requests_do_not_starve_small_ones(limited):
     big.join()
     assert done["big"][0] == done["small"][0] == 200
     assert done["small"][1] < done["big"][1]  # routed between the large request's chunks
+
+
+def test_slow_clients_neither_block_others_nor_hang(tiny_export):
+    """800 clients stuck in their headers hold no thread and delay no one; a body that stops arriving is
+    answered 408 after the body timeout, and its connection closed."""
+    router = CascadeRouter.load(tiny_export)
+    server = ServerThread(make_app(router, body_timeout=1.0))
+    try:
+        stuck = []
+        for _ in range(800):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"POST /route_batch HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+            stuck.append(sock)
+        start = time.perf_counter()
+        status, body = post(server.url, {"queries": ["a patient question"]})
+        assert status == 200 and body["decisions"][0]["next_model"] == router.route_batch(["a patient question"])[0].next_model
+        assert time.perf_counter() - start < 10
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        slow.sendall(b"POST /route_batch HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"queries\": [")
+        start = time.perf_counter()
+        reply = b""
+        while chunk := slow.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in reply
+        assert 0.5 < time.perf_counter() - start < 8
+        for sock in [*stuck, slow]:
+            sock.close()
+    finally:
+        server.stop()
 
 
 def test_unknown_endpoints_are_404_with_a_message(served):
