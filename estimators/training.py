@@ -320,7 +320,11 @@ def shared_residuals(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`residuals` of every state, each process of a multi-process run computing a share of them."""
     part = distributed.shard(len(rows))
-    moves, hidden = residuals(module, data, rows[part], run[part], batch_size, device)
+    if len(rows[part]):
+        moves, hidden = residuals(module, data, rows[part], run[part], batch_size, device)
+    else:  # more processes than states
+        k = data.quality.shape[1]
+        moves, hidden = torch.zeros(0, k), torch.zeros(0, k, module.net.config.hidden)
     return distributed.gather_shards(moves, len(rows)), distributed.gather_shards(hidden, len(rows))
 
 
