@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from router_train import distributed
+
 from .base import Embedder
 
 DEFAULT_MODEL = "default"
@@ -238,6 +240,12 @@ class EmbeddingCache:
                 warnings.warn(f"embedding cache file {path} is unreadable ({err!r}); recomputing it", stacklevel=2)
         embeddings = encoder.encode(texts, progress=True) if progress else encoder.encode(texts)
         embeddings = embeddings.detach().to("cpu", torch.float32).contiguous()
+        if distributed.is_main():  # several processes computed them together; one writes the file
+            self._write(path, embeddings)
+        distributed.barrier()  # then every process finds the file on its next look, or none does
+        return embeddings
+
+    def _write(self, path: Path, embeddings: torch.Tensor) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -246,7 +254,6 @@ class EmbeddingCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return embeddings
 
 
 class CachedEmbedder:
@@ -284,6 +291,28 @@ class MemoEmbedder:
             fresh = self.encoder.encode(new, progress=True) if progress else self.encoder.encode(new)
             self.memory.update(zip(new, fresh.detach().to("cpu", torch.float32)))
         return torch.stack([self.memory[t] for t in texts])
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
+
+
+class ShardedEmbedder:
+    """An `Embedder` whose texts the processes of a multi-process run (torchrun, accelerate launch) split:
+    each encodes every N-th text and the shares are gathered, so each process gets every embedding for
+    1/N of the work. With one process (or on the main process alone, `distributed.on_main`) it is the
+    encoder itself. Every process must ask for the same texts at the same time."""
+
+    def __init__(self, encoder: Embedder) -> None:
+        self.encoder = encoder
+
+    def encode(self, texts: list[str], progress: bool = False) -> torch.Tensor:
+        """(n, d) embeddings of `texts`, this process encoding its share of them."""
+        texts = list(texts)
+        if not texts or not distributed.active():
+            return self.encoder.encode(texts, progress=True) if progress else self.encoder.encode(texts)
+        share = texts[distributed.shard(len(texts))]
+        local = self.encoder.encode(share, progress=True) if progress else self.encoder.encode(share)
+        return distributed.gather_shards(local.detach().to("cpu", torch.float32), len(texts))
 
     def identity(self) -> dict:
         return self.encoder.identity()

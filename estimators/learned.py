@@ -31,12 +31,12 @@ from router_train.table import RoutingTable
 from .base import Embedder, Estimate, Features, QualityEstimator
 from .confidence import ConfidenceCalibrator
 from .cost import CostModel
-from .encoder import EncoderConfig, LoraSettings, TextEncoder, cached
+from .encoder import EncoderConfig, LoraSettings, ShardedEmbedder, TextEncoder, cached
 from .features import AnswerFeatures, answer_features
 from .neighbors import NeighborPrior
 from .network import NetConfig, QualityNet
 from .training import (
-    LearnedModule, Logger, QualityData, TrainSettings, below_cap, residuals, train_quality, train_variance,
+    LearnedModule, Logger, QualityData, TrainSettings, below_cap, shared_residuals, train_quality, train_variance,
 )
 
 FORMAT = "router-train-learned"
@@ -91,8 +91,12 @@ class LearnedEstimator(QualityEstimator):
         return self.encoder
 
     def embed(self, texts: list[str], progress: bool = False) -> torch.Tensor:
-        """Embeddings of query texts, from the on-disk cache when configured."""
-        return cached(self._encoder(), self.config.embedding_cache, progress).encode(texts)
+        """Embeddings of query texts, from the on-disk cache when configured. A bare text encoder is shared
+        out among the processes of a multi-process run (a wrapped one, e.g. the recipe's, is already)."""
+        encoder = self._encoder()
+        if isinstance(encoder, TextEncoder):
+            encoder = ShardedEmbedder(encoder)
+        return cached(encoder, self.config.embedding_cache, progress).encode(texts)
 
     def featurize(
         self, table: RoutingTable, progress: bool = False, embeddings: torch.Tensor | None = None
@@ -170,7 +174,7 @@ class LearnedEstimator(QualityEstimator):
         rows, run = sample_run_sets(len(val_rows), k, settings.max_depth, 2,
                                     torch.Generator().manual_seed(settings.seed + 40_000))
         rows, run = below_cap(val_rows[rows], run, settings.max_depth)
-        resid, hidden = residuals(module, data, rows, run, settings.batch_size, torch.device("cpu"))
+        resid, hidden = shared_residuals(module, data, rows, run, settings.batch_size, torch.device("cpu"))
         with torch.no_grad():
             sigma = module.net.log_variance(hidden, run).mul(0.5).exp()
         free = ~run

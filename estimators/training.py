@@ -1,11 +1,17 @@
 """Training loops of the learned estimator, with accelerate: device placement, mixed precision,
-multi-GPU (`accelerate launch`), and resumable checkpoints.
+several processes (`accelerate launch`, `torchrun`: GPUs, or CPU processes over gloo), and resumable
+checkpoints.
 
 Stage 0 fits the wide regression on post-hoc features by L-BFGS (its L2 strength chosen on held-back
 rows). Stage 1 fits the deep parts on sampled run sets (cascade prefixes and random subsets up to the
 depth cap), with early stopping on held-back rows. Stage 2 freezes them and fits the variance head on
 the moves the router can make: how far each model's estimate moves when that model runs next, from
 states below the depth cap.
+
+With N processes, every batch of stage 1 is split among them (`batch_size` stays the global batch, so
+the optimization takes the same steps as one process would) and their gradients averaged; the held-back
+loss and the moves of stage 2 are computed a share per process and combined, so every process takes the
+same early-stopping decisions and fits the same variance head. Stage 0 is small and runs on each.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from router_train import distributed
 from router_train.outputs import atomic_write_json, staged_output_dir
 
 from .features import AnswerFeatures
@@ -173,7 +180,17 @@ def train_quality(
 
     Returns the per-epoch history; the module ends with the weights of the best validation epoch.
     """
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # the variance head (stage 2) takes no part in stage 1's loss: DDP must not wait for its gradients
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if settings.batch_size % accelerator.num_processes:
+        raise ValueError(
+            f"train.batch_size {settings.batch_size} must be a multiple of the {accelerator.num_processes} "
+            "processes: each takes an equal share of every batch; change train.batch_size or the process count"
+        )
     k = data.quality.shape[1]
     resuming = state_dir is not None and (state_dir / "progress.json").exists()
     if not resuming:
@@ -224,6 +241,7 @@ def train_quality(
             optimizer.step()
             total += float(loss.detach()) * len(batch_rows)
             count += len(batch_rows)
+        total, count = distributed.all_sum([total, count])
         val = evaluate_loss(module, data, val_rows_idx, val_run, settings.batch_size, accelerator)
         record = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "val_loss": val}
         progress["history"].append(record)
@@ -251,8 +269,12 @@ def train_quality(
 
 @torch.no_grad()
 def evaluate_loss(module, data: QualityData, rows, run, batch_size: int, accelerator: Accelerator) -> float:
-    """Mean binary cross-entropy of the quality head on fixed (row, run set) states."""
+    """Mean binary cross-entropy of the quality head on fixed (row, run set) states; each process scores
+    its share of them and all get the same mean."""
     module.eval()
+    n = len(rows)
+    part = distributed.shard(n)
+    rows, run = rows[part], run[part]
     total = 0.0
     for start in range(0, len(rows), batch_size):
         sl = slice(start, start + batch_size)
@@ -260,7 +282,8 @@ def evaluate_loss(module, data: QualityData, rows, run, batch_size: int, acceler
         with accelerator.autocast():
             logits, _ = module(batch, run[sl].to(accelerator.device))
         total += float(_loss(logits, batch["quality"])) * len(rows[sl])
-    return total / max(len(rows), 1)
+    (total,) = distributed.all_sum([total])
+    return total / max(n, 1)
 
 
 @torch.no_grad()
@@ -292,6 +315,19 @@ def residuals(
     return torch.cat(out_r), torch.cat(out_h)
 
 
+def shared_residuals(
+    module: LearnedModule, data: QualityData, rows: torch.Tensor, run: torch.Tensor, batch_size: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`residuals` of every state, each process of a multi-process run computing a share of them."""
+    part = distributed.shard(len(rows))
+    if len(rows[part]):
+        moves, hidden = residuals(module, data, rows[part], run[part], batch_size, device)
+    else:  # more processes than states
+        k = data.quality.shape[1]
+        moves, hidden = torch.zeros(0, k), torch.zeros(0, k, module.net.config.hidden)
+    return distributed.gather_shards(moves, len(rows)), distributed.gather_shards(hidden, len(rows))
+
+
 def below_cap(rows: torch.Tensor, run: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The states from which the router can still run a model (fewer than `max_depth` run)."""
     keep = run.sum(1) < max_depth
@@ -306,7 +342,7 @@ def train_variance(
     k = data.quality.shape[1]
     rows, run = _states(len(fit_rows), k, settings, settings.seed + 20_000)
     rows, run = below_cap(fit_rows[rows], run, settings.max_depth)
-    resid, hidden = residuals(module, data, rows, run, settings.batch_size, device)
+    resid, hidden = shared_residuals(module, data, rows, run, settings.batch_size, device)
     head = module.net.variance_head
     optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
     gen = torch.Generator().manual_seed(settings.seed + 30_000)

@@ -1,7 +1,8 @@
 """The training recipe behind `make train`: from a routing table to an exported, calibrated router.
 
     python -m router_train.train --config configs/default.yaml [--train-data TABLE --test-data TABLE]
-        [--run-name NAME] [--overwrite]
+        [--run-name NAME] [--overwrite] [--threads N]
+    torchrun --nproc_per_node N -m router_train.train --config ...     (or accelerate launch --num_processes N)
 
 Steps: load the tables; embed the queries (cached); train the learned estimator on all training
 queries with accelerate (resumable: re-running after an interruption continues from the last epoch)
@@ -13,8 +14,12 @@ SHA-256 of every other file), `metrics.json` and `curves.png`.
 `checkpoints/<run>` is a symlink to a version directory in `checkpoints/.<run>.versions/`; a new export
 is written into a fresh version and published by renaming one symlink over the old one, so the run path
 always holds a complete export, and an interrupted run leaves nothing behind (the next run removes any
-leftover). Training state for resuming lives in `checkpoints/.<run>.partial`, kept only while the recipe
-and the data files are unchanged.
+leftover). Training state for resuming lives in `checkpoints/.<run>.partial`, kept only while the recipe,
+the data files and the number of processes are unchanged.
+
+Launched as N processes (GPUs, or CPU processes over gloo), they embed the queries a share each and
+train every estimator together (data-parallel, router_train/distributed.py); the main process alone
+writes the caches and the resume state, calibrates, evaluates and exports, while the others wait.
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ from pathlib import Path
 import torch
 
 from estimators.crossfit import CrossFitted
-from estimators.encoder import MemoEmbedder, TextEncoder
+from estimators.encoder import MemoEmbedder, ShardedEmbedder, TextEncoder
 from estimators.learned import LearnedEstimator
 
-from . import __version__
+from . import __version__, distributed
 from . import manifest as manifest_format
 from .calibrate import CalibrationConfig
 from .cli import add_debug_flag, user_errors
@@ -181,14 +186,20 @@ def export(run_dir: Path, write, overwrite: bool) -> None:
         raise
 
 
+FINGERPRINT_PARTS = {"config": "the recipe", "data": "the data files", "processes": "the number of processes"}
+SAVED_BEFORE_PROCESSES = {"processes": 1}
+"""What a fingerprint saved before it named the number of processes means: one."""
+
+
 def resume_state(state: Path, fingerprint: dict, log=print) -> None:
-    """Keep the training state in `state` only if it was saved under the same recipe and data files."""
+    """Keep the training state in `state` only if it was saved under the same recipe, data files and
+    number of processes (a multi-process state holds the data-parallel wrapper's weights)."""
     if state.exists():
         path = state / "fingerprint.json"
-        saved = json.loads(path.read_text()) if path.exists() else {}
-        changed = [what for what in ("config", "data") if saved.get(what) != fingerprint[what]]
+        saved = SAVED_BEFORE_PROCESSES | (json.loads(path.read_text()) if path.exists() else {})
+        changed = [what for what in FINGERPRINT_PARTS if saved.get(what) != fingerprint[what]]
         if changed:
-            reason = " and ".join({"config": "the recipe", "data": "the data files"}[what] for what in changed)
+            reason = " and ".join(FINGERPRINT_PARTS[what] for what in changed)
             log(f"discarding training state in {state}: {reason} changed since it was saved; training afresh")
             shutil.rmtree(state)
         elif (state / "train" / "progress.json").exists():
@@ -204,24 +215,35 @@ def check_run_name(name: str) -> None:
         raise ValueError(f"run_name must be a plain name (no '/', not starting with '.'), got {name!r}")
 
 
-def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
-    """Execute a recipe end to end; returns the export path (a symlink to the export's version directory)."""
+def run(config: TrainConfig, *, overwrite: bool = False, log=print, threads: int | None = None) -> Path:
+    """Execute a recipe end to end; returns the export path (a symlink to the export's version directory).
+
+    Under a multi-process launcher every process calls this; only the main one logs and writes, and each
+    returns once the export is published. `threads`: torch CPU threads per process (see distributed.init)."""
     start = time.perf_counter()
     check_run_name(config.run_name)
+    distributed.init(threads)
+    if not distributed.is_main():
+        log = _silent
     out = Path(config.output_dir)
     run_dir = out / config.run_name
-    clean_leftovers(run_dir, log)
+    distributed.on_main(lambda: clean_leftovers(run_dir, log))
     if os.path.lexists(run_dir) and not overwrite:
         raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it (or --run-name)")
     train, test = load_tables(config)
     check_cost_spread(train, f"the training queries of {data_paths(config)[0]}")
     state = out / f".{config.run_name}.partial"
-    resume_state(state, {"config": config_fingerprint(config), "data": data_fingerprint(data_paths(config))}, log)
+    distributed.on_main(lambda: resume_state(state, {
+        "config": config_fingerprint(config), "data": data_fingerprint(data_paths(config)),
+        "processes": distributed.world_size(),
+    }, log))
 
     folds = config.calibration.folds
+    processes = f" in {distributed.world_size()} processes" if distributed.active() else ""
     log(f"data: {train.n} queries to train the estimator and calibrate on ({folds}-fold cross-fitting), "
-        f"{test.n} to test, {train.k} models")
-    wandb_run = start_wandb(config, out)  # logs go to <output_dir>/wandb and outlive the run's state
+        f"{test.n} to test, {train.k} models{processes}")
+    # logs go to <output_dir>/wandb and outlive the run's state
+    wandb_run = start_wandb(config, out) if distributed.is_main() else None
     logger = (lambda record: wandb_run.log(record)) if wandb_run is not None else None
 
     def log_epoch(record: dict) -> None:
@@ -231,17 +253,20 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
             log(f"  epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
 
     # A frozen encoder serves the estimator and every fold, and embeds each query once (the folds' subsets
-    # would miss the on-disk cache, keyed by the whole list of texts, so the folds skip it).
+    # would miss the on-disk cache, keyed by the whole list of texts, so the folds skip it); several
+    # processes embed a share of the queries each.
     frozen = not config.estimator.finetune
-    shared = MemoEmbedder(TextEncoder(config.estimator.encoder)) if frozen else None
+    shared = MemoEmbedder(ShardedEmbedder(TextEncoder(config.estimator.encoder))) if frozen else None
     member = dataclasses.replace(config.estimator, embedding_cache=None) if frozen else config.estimator
     estimator = LearnedEstimator(config.estimator, shared)
     t0 = time.perf_counter()
-    estimator.fit(train, state_dir=state / "train", log=log_epoch, progress=True)
+    estimator.fit(train, state_dir=state / "train", log=log_epoch, progress=distributed.is_main())
     log(f"estimator trained in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     out_of_fold = CrossFitted(lambda: LearnedEstimator(member, shared), folds, config.seed).fit(train)
     log(f"{folds} out-of-fold estimators for calibration trained in {time.perf_counter() - t0:.1f}s")
+    if frozen and distributed.active():
+        estimator.embed(list(test.queries))  # a share each now, so the main process finds them all below
 
     cal = config.calibration
     eval_config = EvaluationConfig(
@@ -254,30 +279,39 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print) -> Path:
         calibration=CalibrationConfig(n_trials=cal.trials, cascade_routing_trials=cal.cascade_routing_trials,
                                       seed=config.seed, sigma_scales=tuple(cal.sigma_scales), min_spend=cal.min_spend),
     )
-    t0 = time.perf_counter()
-    metrics = evaluate(train, test, estimator, eval_config, log=log, calibration_estimator=out_of_fold)
-    log(f"calibrated and evaluated in {time.perf_counter() - t0:.1f}s")
-    metrics["estimator"] = {"name": "learned", "history": estimator.history}
-    metrics["wall_time_s"] = time.perf_counter() - start
-    if wandb_run is not None:
-        wandb_run.summary.update({f"auc/{k}": v for k, v in metrics["auc"].items()})
-        wandb_run.finish()
 
-    sizes = {"train": str(config.data.train or BUNDLED), "test": config.data.test, "n_estimator": train.n,
-             "n_calibration": train.n, "calibration_folds": folds, "n_test": test.n}
+    def finish() -> None:
+        """Calibrate, evaluate and export: once, on the main process."""
+        t0 = time.perf_counter()
+        metrics = evaluate(train, test, estimator, eval_config, log=log, calibration_estimator=out_of_fold)
+        log(f"calibrated and evaluated in {time.perf_counter() - t0:.1f}s")
+        metrics["estimator"] = {"name": "learned", "history": estimator.history}
+        metrics["wall_time_s"] = time.perf_counter() - start
+        if wandb_run is not None:
+            wandb_run.summary.update({f"auc/{k}": v for k, v in metrics["auc"].items()})
+            wandb_run.finish()
 
-    def write(directory: Path) -> None:
-        estimator.save(directory)
-        write_report(metrics, directory, title=f"{config.run_name} · learned estimator")
-        files = manifest_format.checksums(directory)
-        atomic_write_json(directory / "manifest.json", manifest(config, estimator, metrics, sizes, files))
+        sizes = {"train": str(config.data.train or BUNDLED), "test": config.data.test, "n_estimator": train.n,
+                 "n_calibration": train.n, "calibration_folds": folds, "n_test": test.n}
 
-    export(run_dir, write, overwrite)
-    shutil.rmtree(state, ignore_errors=True)
-    for name, value in metrics["auc"].items():
-        log(f"{name:>18s}  AUC {value:6.2f}")
-    log(f"wall time: {time.perf_counter() - start:.1f}s -> {run_dir}")
+        def write(directory: Path) -> None:
+            estimator.save(directory)
+            write_report(metrics, directory, title=f"{config.run_name} · learned estimator")
+            files = manifest_format.checksums(directory)
+            atomic_write_json(directory / "manifest.json", manifest(config, estimator, metrics, sizes, files))
+
+        export(run_dir, write, overwrite)
+        shutil.rmtree(state, ignore_errors=True)
+        for name, value in metrics["auc"].items():
+            log(f"{name:>18s}  AUC {value:6.2f}")
+        log(f"wall time: {time.perf_counter() - start:.1f}s -> {run_dir}")
+
+    distributed.on_main(finish)
     return run_dir
+
+
+def _silent(message: str) -> None:
+    """The log of the processes other than the main one: it alone reports."""
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -288,6 +322,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--run-name", help="override run_name (the export goes to <output_dir>/<run_name>)")
     p.add_argument("--output-dir", help="override output_dir (default checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of the same run name")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice; in a "
+                   "multi-process CPU run, this machine's cores divided among its processes)")
     add_debug_flag(p)
     args = p.parse_args(argv)
     with user_errors(args.debug):
@@ -300,7 +336,8 @@ def main(argv: list[str] | None = None) -> Path:
             config.run_name = args.run_name
         if args.output_dir:
             config.output_dir = args.output_dir
-        return run(config, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return run(config, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True),
+                   threads=args.threads)
 
 
 if __name__ == "__main__":
