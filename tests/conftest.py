@@ -36,3 +36,14 @@ def tiny_export(tmp_path_factory):
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
     return recipe.main(["--config", str(root / "tiny.yaml")])
+
+
+@pytest.fixture(scope="module")
+def fake():
+    """An OpenAI-compatible fake backend served on loopback (tests/http_fakes.py): (backend, base URL)."""
+    from http_fakes import FakeBackend, ServerThread
+
+    backend = FakeBackend()
+    server = ServerThread(backend.app)
+    yield backend, server.url
+    server.stop()

@@ -14,7 +14,7 @@ import openai
 import pandas as pd
 import pytest
 import yaml
-from http_fakes import FakeBackend, ServerThread, default_answer
+from http_fakes import ServerThread, default_answer
 from tiny_models import tiny_encoder_dir
 
 from router_train import CascadeRouter
@@ -27,14 +27,6 @@ from router_train.table import load_table
 
 MODELS = [f"model-{j}" for j in range(4)]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def fake():
-    backend = FakeBackend()
-    server = ServerThread(backend.app)
-    yield backend, server.url
-    server.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import yaml
-from http_fakes import FakeBackend, ServerThread, default_answer
+from http_fakes import default_answer
 
 from router_train.backends import load_backends
 from router_train.live import BackendError, Pool, extract, features, span_logprob
@@ -94,14 +94,6 @@ def test_features_of_a_response(backends):
     assert bare.observation() == {"model": "small", "answer": None}
     with pytest.raises(BackendError, match="small: the response has no choices"):
         features({"choices": []}, small, "choice", 1.0)
-
-
-@pytest.fixture(scope="module")
-def fake():
-    backend = FakeBackend()
-    server = ServerThread(backend.app)
-    yield backend, server.url
-    server.stop()
 
 
 def test_calls_over_http_give_the_features_of_the_response(fake, backends):
