@@ -18,6 +18,7 @@ from estimators.base import Features, QualityEstimator
 
 from .kernel import Candidates, KernelConfig, answer_models, choose, factorize, step_candidates
 from .kernel.decide import chunk_rows, scaled_cov, threshold_step
+from .kernel.lambda_table import LambdaTable
 from .kernel.prune import prune
 from .strategy import Strategy
 from .table import RoutingTable
@@ -42,18 +43,24 @@ class Outcome:
 
 
 class _StateStore:
-    """Tensors cached per state (row, run set) for one step t, found by a sorted key lookup."""
+    """Tensors cached per state (row, run set) for one step t, found by a sorted key lookup and, from
+    a state of the previous step, by a pointer per next model."""
 
-    def __init__(self, k: int, t: int, n_rows: int) -> None:
+    def __init__(self, k: int, t: int, n_rows: int, compute) -> None:
         self.radix = math.comb(k, t)
         if n_rows * self.radix >= 2**62:
             raise ValueError(f"too many queries ({n_rows}) for the state cache with k={k} models at step {t}")
         # binom[i, m] = C(i, m): the rank of a run set in the combinatorial number system
         self.binom = torch.tensor([[math.comb(a, b) for b in range(k + 1)] for a in range(k)], dtype=torch.long)
+        self.k, self.t = k, t
+        self.compute = compute  # (rows, run) -> dict of per-state tensors
         self.keys = torch.empty(0, dtype=torch.long)
         self.slots = torch.empty(0, dtype=torch.long)
         self.data: dict[str, torch.Tensor] = {}
+        self.child = torch.empty(0, k, dtype=torch.long)  # slot in the next step's store after running model m; -1: not looked up
+        self.root: torch.Tensor | None = None  # slots of (row, no model run) for every row, at t = 0
         self.table = None  # the SubsetTable of cached candidates
+        self.lambdas: LambdaTable | None = None  # `choose` as a function of λ for the cached candidates
 
     def key(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         members = run.long()
@@ -68,6 +75,18 @@ class _StateStore:
         pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
         return torch.where(self.keys[pos] == keys, self.slots[pos], -1)
 
+    def lookup(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        """Slots of the states (rows, run), computing the missing ones (each once)."""
+        keys = self.key(rows, run)
+        slots = self.find(keys)
+        missing = (slots < 0).nonzero().squeeze(1)
+        if missing.numel():
+            new_keys, first = _unique_first(keys[missing])
+            sel = missing[first]
+            self.add(new_keys, self.compute(rows[sel], run[sel]))
+            slots = self.find(keys)
+        return slots
+
     def add(self, keys: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
         start = self.keys.numel()
         for name, value in data.items():
@@ -76,6 +95,7 @@ class _StateStore:
                 width = max(old.shape[1], value.shape[1])
                 old, value = _pad_to(old, width), _pad_to(value, width)
             self.data[name] = value if old is None else torch.cat([old, value])
+        self.child = torch.cat([self.child, torch.full((keys.numel(), self.k), -1, dtype=torch.long)])
         keys_all = torch.cat([self.keys, keys])
         slots_all = torch.cat([self.slots, torch.arange(start, start + keys.numel())])
         order = keys_all.argsort()
@@ -109,57 +129,40 @@ class Simulator:
         self.kernel = kernel
         self.batch_size = batch_size
         self.n, self.k = table.n, table.k
-        self._estimates: dict[int, _StateStore] = {}
-        self._candidates: dict[tuple, _StateStore] = {}
+        self._stores: dict[tuple, _StateStore] = {}
 
     # -- cached state data ------------------------------------------------------------------
-    def _store(self, cache: dict, key, t: int) -> _StateStore:
-        if key not in cache:
-            cache[key] = _StateStore(self.k, t, self.n)
-        return cache[key]
-
-    def _cached(self, store: _StateStore, rows: torch.Tensor, run: torch.Tensor, compute) -> torch.Tensor:
-        """Slots of the states (rows, run) in `store`, computing the missing ones (each once) with
-        `compute(rows, run) -> dict of per-state tensors`."""
-        keys = store.key(rows, run)
-        slots = store.find(keys)
-        missing = (slots < 0).nonzero().squeeze(1)
-        if missing.numel():
-            new_keys, first = _unique_first(keys[missing])
-            sel = missing[first]
-            store.add(new_keys, compute(rows[sel], run[sel]))
-            slots = store.find(keys)
-        return slots
-
     def _batches(self, rows: torch.Tensor, run: torch.Tensor):
         """Estimates for states in batches of `batch_size`: yields (run, Estimate)."""
         for i in range(0, rows.numel(), self.batch_size):
             sl = slice(i, i + self.batch_size)
             yield run[sl], self.estimator.predict(self.features, rows[sl], run[sl])
 
-    def estimates(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
-        """Estimated qualities (B, k) at each state, cached."""
-        t = int(run[0].sum()) if rows.numel() else 0
-        store = self._store(self._estimates, t, t)
+    def _estimate_store(self, t: int) -> _StateStore:
+        """Estimates (and answer models) of the states with t models run."""
+        key = ("estimates", t)
+        if key not in self._stores:
 
-        def compute(rows, run):
-            return {"quality": torch.cat([est.quality.to(torch.float64) for _, est in self._batches(rows, run)])}
+            def compute(rows, run):
+                quality = torch.cat([est.quality.to(torch.float64) for _, est in self._batches(rows, run)])
+                return {"quality": quality, "answer": answer_models(quality, run)}
 
-        slots = self._cached(store, rows, run, compute)
-        return store.data["quality"][slots]
+            self._stores[key] = _StateStore(self.k, t, self.n, compute)
+        return self._stores[key]
 
-    def candidates(self, rows: torch.Tensor, run: torch.Tensor, strategy: Strategy) -> Candidates:
-        """Pruned candidate supermodels at each state for the strategy's structure, cached."""
-        t = int(run[0].sum())
-        structure = (
-            strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k), strategy.sigma_scale, t
-        )
-        store = self._store(self._candidates, structure, t)
+    def _candidate_store(self, strategy: Strategy, t: int) -> _StateStore:
+        """Pruned candidates of the states with t models run for the strategy's structure, with their
+        λ table, the next model of each candidate and the answer model of each state."""
+        key = ("candidates", strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k),
+               strategy.sigma_scale, t)
+        if key in self._stores:
+            return self._stores[key]
         chunk = chunk_rows(self.k, t, strategy, self.kernel)
 
         def compute(rows, run):
-            parts = []
+            parts, answers = [], []
             for part_run, est in self._batches(rows, run):
+                answers.append(answer_models(est.quality, part_run))
                 factor = factorize(scaled_cov(est.cov, strategy.sigma_scale), dtype=self.kernel.dtype)
                 for j in range(0, part_run.shape[0], chunk):
                     sl = slice(j, j + chunk)
@@ -171,51 +174,99 @@ class Simulator:
             width = max(p.value.shape[1] for p in parts)
             merged = Candidates.cat([_widen(p, width) for p in parts])
             store.table = merged.table
+            value = merged.value.to(torch.float64)
+            table = LambdaTable.build(value, merged.cost, merged.valid, tie_tol=self.kernel.tie_tol)
+            store.lambdas = table if store.lambdas is None else LambdaTable.cat([store.lambdas, table])
+            first = merged.table.first[merged.index]
+            nxt = torch.where(first >= 0, merged.comp.gather(1, first.clamp(min=0)), -1)
             return {
-                "value": merged.value.to(torch.float64), "cost": merged.cost, "valid": merged.valid,
-                "index": merged.index, "comp": merged.comp, "run_mask": merged.run_mask,
+                "value": value, "cost": merged.cost, "valid": merged.valid, "index": merged.index,
+                "comp": merged.comp, "run_mask": merged.run_mask, "next": nxt, "answer": torch.cat(answers),
             }
 
-        slots = self._cached(store, rows, run, compute)
-        d = store.data
-        return Candidates(
-            t, store.table, d["comp"][slots], d["run_mask"][slots], d["value"][slots], d["cost"][slots],
-            d["valid"][slots], d["index"][slots],
-        )
+        store = self._stores[key] = _StateStore(self.k, t, self.n, compute)
+        return store
+
+    def _step_store(self, strategy: Strategy, t: int) -> _StateStore:
+        """The store a strategy reads at step t: candidates, or estimates for the thresholding cascade
+        and at the depth cap (where every query stops)."""
+        if strategy.mode == "threshold_cascade" or t >= min(strategy.max_depth, self.k):
+            return self._estimate_store(t)
+        return self._candidate_store(strategy, t)
+
+    def estimates(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        """Estimated qualities (B, k) at each state, cached."""
+        store = self._estimate_store(int(run[0].sum()) if rows.numel() else 0)
+        return store.data["quality"][store.lookup(rows, run)]
+
+    def candidates(self, rows: torch.Tensor, run: torch.Tensor, strategy: Strategy) -> Candidates:
+        """Pruned candidate supermodels at each state for the strategy's structure, cached."""
+        store = self._candidate_store(strategy, int(run[0].sum()))
+        return _stored_candidates(store, store.lookup(rows, run))
+
+    def _next_models(self, store: _StateStore, slots: torch.Tensor, lam: float, expensive: torch.Tensor) -> torch.Tensor:
+        """Next model (-1: stop) of each state at λ, from the λ table; rows whose λ is within rounding
+        distance of a breakpoint are decided by `choose`."""
+        pick, sure = store.lambdas.lookup(slots, lam, expensive)
+        nxt = store.data["next"].view(-1).index_select(0, slots * store.data["next"].shape[1] + pick)
+        unsure = (~sure).nonzero().squeeze(1)
+        if unsure.numel():
+            cands = _stored_candidates(store, slots[unsure])
+            nxt[unsure] = cands.next_model(choose(cands, lam, expensive[unsure], tie_tol=self.kernel.tie_tol))
+        return nxt
+
+    def _children(
+        self, store: _StateStore, target: _StateStore, slots: torch.Tensor, nxt: torch.Tensor, rows: torch.Tensor,
+        run: torch.Tensor,
+    ) -> torch.Tensor:
+        """Slots in `target` of the states reached from `slots` by running `nxt` (run: the new run sets of all queries)."""
+        flat = slots * self.k + nxt
+        child = store.child.view(-1).index_select(0, flat)
+        missing = (child < 0).nonzero().squeeze(1)
+        if missing.numel():
+            found = target.lookup(rows[missing], run[rows[missing]])
+            child[missing] = found
+            store.child.view(-1)[flat[missing]] = found
+        return child
 
     # -- running strategies -----------------------------------------------------------------
     def run(self, strategy: Strategy, expensive: bool | torch.Tensor = False) -> Outcome:
-        """Run a strategy on every query with the given tie-break (all cheap, all expensive, or per query)."""
+        """Run a strategy on every query with the given tie-break (all cheap, all expensive, or per query).
+
+        Each query walks its states step by step: a state's decision comes from its cached λ table,
+        the next state from its cached pointer; only states never visited before are computed."""
         n, k = self.n, self.k
         expensive = torch.as_tensor(expensive, dtype=torch.bool).expand(n)
+        threshold = strategy.mode == "threshold_cascade"
         run = torch.zeros(n, k, dtype=torch.bool)
         active = torch.arange(n)
         answer = torch.full((n,), -1, dtype=torch.long)
         depth = min(strategy.max_depth, k)
+        store = self._step_store(strategy, 0)
+        if store.root is None:
+            store.root = store.lookup(active, run)
+        slots = store.root
         for t in range(depth + 1):
             if active.numel() == 0:
                 break
-            if t == depth:
-                stop = torch.ones(active.numel(), dtype=torch.bool)
-                nxt = torch.full((active.numel(),), -1, dtype=torch.long)
-            elif strategy.mode == "threshold_cascade":
-                quality = self.estimates(active, run[active]) if t > 0 else torch.zeros(active.numel(), k)
-                nxt = threshold_step(quality, t, strategy, expensive[active], self.kernel.tie_tol)
-                stop = nxt < 0
+            if t == depth:  # every query stops: the last model run answers, or the best estimated one
+                answer[active] = t - 1 if threshold else store.data["answer"].index_select(0, slots)
+                break
+            dear = expensive.index_select(0, active)
+            if threshold:
+                quality = store.data["quality"].index_select(0, slots) if t > 0 else torch.zeros(active.numel(), k)
+                nxt = threshold_step(quality, t, strategy, dear, self.kernel.tie_tol)
             else:
-                cands = self.candidates(active, run[active], strategy)
-                pick = choose(cands, strategy.lambdas[t], expensive[active], tie_tol=self.kernel.tie_tol)
-                nxt = cands.next_model(pick)
-                stop = nxt < 0
-            done = active[stop]
-            if done.numel():
-                if strategy.mode == "threshold_cascade":
-                    answer[done] = t - 1
-                else:
-                    answer[done] = answer_models(self.estimates(done, run[done]), run[done])
-            go = ~stop
-            run[active[go], nxt[go]] = True
-            active = active[go]
+                nxt = self._next_models(store, slots, strategy.lambdas[t], dear)
+            stop = nxt < 0
+            if stop.any():
+                answer[active[stop]] = t - 1 if threshold else store.data["answer"][slots[stop]]
+                go = (~stop).nonzero().squeeze(1)
+                active, slots, nxt = active[go], slots[go], nxt[go]
+            run[active, nxt] = True
+            target = self._step_store(strategy, t + 1)
+            slots = self._children(store, target, slots, nxt, active, run)
+            store = target
         cost = (self.table.cost * run).sum(1)
         quality = self.table.quality.gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
         return Outcome(cost=cost, quality=quality, answer=answer, run=run)
@@ -236,6 +287,15 @@ def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.full((unique.numel(),), keys.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(keys.numel()), reduce="amin")
     return unique, first
+
+
+def _stored_candidates(store: _StateStore, slots: torch.Tensor) -> Candidates:
+    """The cached candidates of the states in `slots`."""
+    d = store.data
+    return Candidates(
+        store.t, store.table, d["comp"][slots], d["run_mask"][slots], d["value"][slots], d["cost"][slots],
+        d["valid"][slots], d["index"][slots],
+    )
 
 
 def _widen(c: Candidates, width: int) -> Candidates:

@@ -175,13 +175,22 @@ def choose(
         tau = torch.sub(value, cost, alpha=float(lam))
     tau.masked_fill_(~candidates.valid, float("-inf"))
     tied = tau >= tau.amax(1, keepdim=True) - tie_tol
-    expensive = torch.as_tensor(expensive, dtype=torch.bool, device=device).expand(len(candidates))
-    pick = torch.empty(len(candidates), dtype=torch.long, device=device)
+    return break_ties(tied, cost, expensive, cost_rtol=cost_rtol)
+
+
+def break_ties(
+    tied: torch.Tensor, cost: torch.Tensor, expensive: torch.Tensor | bool, *, cost_rtol: float = COST_RTOL
+) -> torch.Tensor:
+    """Column per row among the `tied` ones (B, M): the cheapest (or, where `expensive`, the most
+    expensive) by `cost`, costs within `cost_rtol` counting as equal, then the first listed."""
+    device = tied.device
+    expensive = torch.as_tensor(expensive, dtype=torch.bool, device=device).expand(tied.shape[0])
+    pick = torch.empty(tied.shape[0], dtype=torch.long, device=device)
     for dear in (False, True):
         rows = (expensive == dear).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        part_cost, part_tied = (cost, tied) if rows.numel() == len(candidates) else (cost[rows], tied[rows])
+        part_cost, part_tied = (cost, tied) if rows.numel() == tied.shape[0] else (cost[rows], tied[rows])
         if dear:
             target = torch.where(part_tied, part_cost, float("-inf")).amax(1, keepdim=True)
             close = part_cost >= target - cost_rtol * target.abs()

@@ -53,13 +53,14 @@ def envelope_keep(value: torch.Tensor, cost: torch.Tensor, valid: torch.Tensor, 
 
 
 def prune(candidates: Candidates) -> Candidates:
-    """The same candidates without those no λ >= 0 can select; columns keep their order, rows are padded."""
+    """The same candidates without those no λ >= 0 can select: each row's kept columns first, in their
+    order, then invalid padding up to the widest row."""
     keep = envelope_keep(candidates.value, candidates.cost, candidates.valid)
     width = max(int(keep.sum(1).max()) if len(candidates) else 1, 1)
+    # kept columns first, in their order (which preserves the first-listed tie rule), then padding:
+    # invalid columns that `choose` never picks
     cols = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
-    cols = cols.sort(1).values  # ascending column order preserves the first-listed tie rule
     kept = keep.gather(1, cols)
-    # padded columns repeat a kept one but are marked invalid
     index = cols if candidates.index is None else candidates.index.gather(1, cols)
     return replace(
         candidates,
