@@ -43,7 +43,7 @@ class CalibrationConfig:
     seed: int = 0
     lambda_log_range: float = 2.0  # per-step λ_t = scale · exp(u_t), u_t in [-range, range]
     threshold_range: float = 0.3  # per-step θ_t = scale + u_t, u_t in [-range, range]
-    cascade_routing_trials: int | None = None  # TPE trials for cascade routing alone (None: n_trials; 0: one λ)
+    cascade_routing_trials: int | None = 0  # TPE trials for cascade routing alone (0: one λ; None: n_trials)
     sigma_scales: tuple[float, ...] = (1.0,)  # Σ multipliers tried for the modes that use Σ; the best is kept
     min_spend: float = 0.0  # a cheaper strategy replaces the budget-meeting one only if it spends ≥ this share
 

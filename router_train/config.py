@@ -39,7 +39,7 @@ class CalibrationSettings:
     max_depth: int = 3  # depth cap of cascade routing; the cascades run uncapped
     budgets: int = 20
     trials: int = 30  # TPE trials for the per-step thresholds / λ of the cascades
-    cascade_routing_trials: int | None = None  # the same for cascade routing (None: `trials`; 0: one shared λ)
+    cascade_routing_trials: int | None = 0  # the same for cascade routing (0: one shared λ; None: `trials`)
     samples: int = 100
     bootstrap: int = 500
     methods: list[str] = field(default_factory=lambda: list(METHODS))

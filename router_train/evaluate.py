@@ -202,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-order", action="store_true", help="cascade routing runs models in cost order only")
     p.add_argument("--samples", type=int, default=100, help="quasi-Monte-Carlo samples of E[max] (default 100)")
     p.add_argument("--trials", type=int, default=50, help="TPE trials for per-step multipliers (default 50)")
-    p.add_argument("--cascade-routing-trials", type=int,
-                   help="TPE trials for cascade routing's per-step λ (default: --trials; 0: one λ for every step, "
-                   "as the training recipes do)")
+    p.add_argument("--cascade-routing-trials", type=int, default=0,
+                   help="TPE trials for cascade routing's per-step λ (default 0: one λ for every step, as the "
+                   "training recipes do; on 5 rlc_train splits as good as 30 trials and ~10x faster)")
     p.add_argument("--sigma-scales", help="comma-separated Σ multipliers calibrated for cascade and cascade "
                    "routing (default: 1 for the noisy estimator, 0,0.5,1 for trained estimators)")
     p.add_argument("--min-spend", type=float, default=0.0,

@@ -153,8 +153,9 @@ def test_cascade_routing_trials_apply_to_cascade_routing_alone(setup):
     assert len(set(shared.strategy.lambdas)) == 1 and shared.strategy.lambdas[0] > 0
     assert shared.cost == pytest.approx(budget, rel=1e-6)
     assert all(len(set(s.lambdas)) == 1 for s in shared_runs)  # no per-step shape was ever simulated
-    calibrate(sim, "cascade_routing", budget, max_depth=3, config=CalibrationConfig(n_trials=8, seed=0),
-              memo=searched_runs)
+    assert CalibrationConfig().trials_for("cascade_routing") == 0  # one λ is the default
+    calibrate(sim, "cascade_routing", budget, max_depth=3,
+              config=CalibrationConfig(n_trials=8, cascade_routing_trials=None, seed=0), memo=searched_runs)
     assert any(len(set(s.lambdas)) > 1 for s in searched_runs)
     cascade = calibrate(sim, "threshold_cascade", budget, max_depth=3, config=config)
     assert cascade.strategy == calibrate(sim, "threshold_cascade", budget, max_depth=3,
