@@ -9,7 +9,7 @@ training split, cheap because the simulator caches all λ-independent work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import optuna
@@ -60,6 +60,24 @@ class CalibrationConfig:
         return self.n_trials
 
 
+@dataclass
+class SweepMemo:
+    """Simulations shared by the calibrations of a budget sweep: the mean cost and quality of each
+    simulated strategy, and per strategy family and shape the ranges of `scale` over which a simulation
+    proved the outcome constant (every decision stays; see `Outcome.stable`), so that a bisection step
+    inside one needs no simulation."""
+
+    outcomes: dict = field(default_factory=dict)  # Strategy (γ = 0) -> (mean cost, mean quality)
+    ranges: dict = field(default_factory=dict)  # (family key, shape) -> [(low, high, cost, quality), ...]
+
+    def known(self, key: tuple, scale: float) -> tuple[float, float] | None:
+        """Cost and quality at `scale` from a range that contains it, if any."""
+        for low, high, cost, quality in self.ranges.get(key, ()):
+            if low < scale < high:
+                return cost, quality
+        return None
+
+
 class _Family:
     """Strategies of one mode and depth indexed by a scalar `scale` (mean cost non-increasing in it)
     and a per-step `shape`: λ_t = scale · shape_t, or θ_t = scale + shape_t for the thresholding cascade."""
@@ -70,6 +88,19 @@ class _Family:
         self.threshold = mode == "threshold_cascade"
         self.n_params = max_depth - 1 if self.threshold else max_depth
         self.neutral = tuple([0.0 if self.threshold else 1.0] * self.n_params)
+        self.key = (mode, max_depth, force_order, sigma_scale)
+
+    def scale_range(self, scale: float, shape: tuple[float, ...], stable) -> tuple[float, float]:
+        """The range of `scale` (with this shape) inside every per-step range of `stable` around `scale`."""
+        low, high = -math.inf, math.inf
+        for s, (lo, hi) in zip(shape, stable):
+            if self.threshold:  # θ_t = scale + s
+                low, high = max(low, lo - s), min(high, hi - s)
+            elif s > 0:  # λ_t = scale · s
+                low, high = max(low, lo / s), min(high, hi / s)
+        if not low < scale < high:
+            return scale, scale
+        return low, high
 
     def make(self, scale: float, shape: tuple[float, ...], gamma: float = 0.0) -> Strategy:
         if self.threshold:
@@ -90,7 +121,7 @@ def calibrate(
     max_depth: int,
     force_order: bool = False,
     config: CalibrationConfig = CalibrationConfig(),
-    memo: dict | None = None,
+    memo: SweepMemo | None = None,
 ) -> Fit:
     """Fit the strategy of `mode` with the highest mean quality whose expected mean cost is within the budget.
 
@@ -99,12 +130,11 @@ def calibrate(
     strategies seen during the search that still spend `config.min_spend` of the budget is returned,
     with γ = 0. The floor keeps the realized cost near the budget a user asked for (1.0: exactly the
     budget; 0.0: any cheaper strategy). For the modes that use Σ, each of
-    `config.sigma_scales` is calibrated and the best kept. `memo` (strategy → mean cost and quality)
-    lets a budget sweep reuse simulations.
+    `config.sigma_scales` is calibrated and the best kept. `memo` lets a budget sweep reuse simulations.
     """
     if mode == "routing":
         max_depth = 1
-    memo = {} if memo is None else memo
+    memo = SweepMemo() if memo is None else memo
     scales = config.sigma_scales if mode in SIGMA_MODES else (1.0,)
     fits = [
         _calibrate_family(sim, _Family(mode, max_depth, force_order, budget, scale), budget, config, memo)
@@ -114,29 +144,40 @@ def calibrate(
     return min((f for f in fits if f.quality >= top - 1e-12), key=lambda f: f.cost)
 
 
-def _calibrate_family(sim: Simulator, family: _Family, budget: float, config: CalibrationConfig, memo: dict) -> Fit:
+def _calibrate_family(
+    sim: Simulator, family: _Family, budget: float, config: CalibrationConfig, memo: SweepMemo
+) -> Fit:
     """Calibrate the multipliers of one strategy family for the budget (see `calibrate`)."""
     feasible: list[Fit] = []
 
-    def measure(scale: float, shape: tuple[float, ...]) -> tuple[float, float]:
+    def measure(scale: float, shape: tuple[float, ...], bisecting: bool = False) -> tuple[float, float]:
+        """Mean cost and quality at (scale, shape); a bisection records and reuses the ranges of scale
+        over which a simulation's outcome is constant (the per-step search tries each shape once)."""
         strategy = family.make(scale, shape)
-        if strategy not in memo:
-            outcome = sim.run(strategy)
-            memo[strategy] = (outcome.mean_cost, outcome.mean_quality)
-        cost, quality = memo[strategy]
+        if strategy not in memo.outcomes:
+            key = (family.key, shape)
+            known = memo.known(key, scale)
+            if known is None:
+                outcome = sim.run(strategy, track=bisecting)
+                known = (outcome.mean_cost, outcome.mean_quality)
+                low, high = family.scale_range(scale, shape, outcome.stable) if bisecting else (scale, scale)
+                if low < high:
+                    memo.ranges.setdefault(key, []).append((low, high, *known))
+            memo.outcomes[strategy] = known
+        cost, quality = memo.outcomes[strategy]
         if cost <= budget:
             feasible.append(Fit(strategy, cost, quality))
         return cost, quality
 
     if family.threshold:  # quality need not rise with spending here: look at a coarse grid of θ as well
         for theta in THRESHOLD_GRID:
-            measure(theta, family.neutral)
-    scale = _bisect(lambda s: measure(s, family.neutral)[0], budget, family, config.bisect_iters)
+            measure(theta, family.neutral, True)
+    scale = _bisect(lambda s: measure(s, family.neutral, True)[0], budget, family, config.bisect_iters)
     shape = family.neutral
     if family.n_params > 1 and config.trials_for(family.mode) > 0 and not (not family.threshold and scale == 0.0):
         shape = _search_shape(measure, scale, budget, family, config)
         if shape != family.neutral:
-            scale = _bisect(lambda s: measure(s, shape)[0], budget, family, config.bisect_iters)
+            scale = _bisect(lambda s: measure(s, shape, True)[0], budget, family, config.bisect_iters)
     crossing = _with_gamma(sim, family, scale, shape, budget)
     floor = config.min_spend * min(budget, crossing.cost)
     better = [f for f in feasible if f.quality > crossing.quality + 1e-9 and f.cost >= floor]
@@ -156,7 +197,7 @@ def calibrate_sweep(
     config: CalibrationConfig = CalibrationConfig(),
 ) -> list[Fit]:
     """One calibrated strategy per budget; simulations are shared between budgets."""
-    memo: dict = {}
+    memo = SweepMemo()
     return [
         calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=config, memo=memo)
         for b in budgets

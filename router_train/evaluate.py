@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
+import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -52,6 +55,11 @@ UNCAPPED = ("cascade", "threshold_cascade")
 """Methods run without the depth cap: a capped cascade would only ever reach the cheapest models."""
 
 
+def default_workers() -> int:
+    """Calibration workers by default: the CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def method_depth(mode: str, k: int, max_depth: int) -> int:
     """Most models `mode` may run per query with k models: 1 for routing, k for the cascades, else the cap."""
     if mode == "routing":
@@ -71,6 +79,7 @@ class EvaluationConfig:
     seed: int = 0
     kernel: KernelConfig = field(default_factory=KernelConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    workers: int = 1  # processes calibrating methods side by side (see `run_methods`)
 
 
 @dataclass
@@ -95,6 +104,60 @@ def run_method(
     cost = torch.stack([c for c, _ in outcomes], 1).numpy()
     quality = torch.stack([q for _, q in outcomes], 1).numpy()
     return MethodResult([f.strategy for f in fits], cost, quality)
+
+
+_SHARED: tuple | None = None
+"""What forked calibration workers read: (train simulator, test simulator, budgets, config)."""
+
+
+def _run_shared(mode: str) -> tuple[str, MethodResult, float]:
+    torch.set_num_threads(1)  # one core per worker
+    train_sim, test_sim, budgets, config = _SHARED
+    return _timed(train_sim, test_sim, mode, budgets, config)
+
+
+def run_methods(
+    train_sim: Simulator, test_sim: Simulator, budgets: np.ndarray, config: EvaluationConfig, log=print
+) -> dict[str, MethodResult]:
+    """`run_method` for every method of the config. With `config.workers` > 1 the methods run in that
+    many forked processes, longest first (each method's calibration is independent and seeded, so the
+    results are those of one process). Forking is skipped where it is unavailable or unsafe: when the
+    process runs other Python threads (e.g. a server), whose locks a child could inherit held; tqdm's
+    idle monitor thread excepted."""
+    global _SHARED
+    modes = list(config.methods)
+    workers = min(config.workers, len(modes))
+    forkable = "fork" in multiprocessing.get_all_start_methods() and not _other_threads()
+    results: dict[str, MethodResult] = {}
+    if workers <= 1 or not forkable:
+        for mode in modes:
+            _, results[mode], seconds = _timed(train_sim, test_sim, mode, budgets, config)
+            log(f"  {mode}: {len(budgets)} budgets calibrated and scored in {seconds:.1f}s")
+        return results
+    longest_first = sorted(modes, key=lambda m: -_EXPECTED_WORK.get(m, 0))
+    _SHARED = (train_sim, test_sim, budgets, config)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for mode, result, seconds in pool.imap_unordered(_run_shared, longest_first):
+                results[mode] = result
+                log(f"  {mode}: {len(budgets)} budgets calibrated and scored in {seconds:.1f}s (worker process)")
+    finally:
+        _SHARED = None
+    return {mode: results[mode] for mode in modes}
+
+
+def _other_threads() -> list[threading.Thread]:
+    """Python threads besides the main one and tqdm's monitor (started by progress bars, e.g. of `datasets`)."""
+    return [t for t in threading.enumerate() if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]
+
+
+def _timed(train_sim, test_sim, mode, budgets, config) -> tuple[str, MethodResult, float]:
+    start = time.perf_counter()
+    return mode, run_method(train_sim, test_sim, mode, budgets, config), time.perf_counter() - start
+
+
+_EXPECTED_WORK = {"cascade": 3, "threshold_cascade": 2, "cascade_routing": 2, "routing": 1}
+"""Relative calibration time per method (uncapped cascades search the most multipliers), for scheduling."""
 
 
 def run_rules(train: RoutingTable, test: RoutingTable, budgets: np.ndarray) -> MethodResult:
@@ -127,11 +190,7 @@ def evaluate(
     budgets = budget_grid(train_points[:, 0], train_points[:, 1], config.n_budgets)
     train_sim = Simulator(train, calibration_estimator or estimator, kernel=config.kernel)
     test_sim = Simulator(test, estimator, kernel=config.kernel)
-    results: dict[str, MethodResult] = {}
-    for mode in config.methods:
-        start = time.perf_counter()
-        results[mode] = run_method(train_sim, test_sim, mode, budgets, config)
-        log(f"  {mode}: {len(budgets)} budgets calibrated and scored in {time.perf_counter() - start:.1f}s")
+    results = run_methods(train_sim, test_sim, budgets, config, log)
     truth = TruthEstimator().fit(test)
     oracle_sim = Simulator(test, truth, kernel=config.kernel)
     results["oracle"] = run_method(oracle_sim, oracle_sim, "routing", budgets, config)
@@ -205,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cascade-routing-trials", type=int, default=0,
                    help="TPE trials for cascade routing's per-step λ (default 0: one λ for every step, as the "
                    "training recipes do; on 5 rlc_train splits as good as 30 trials and ~10x faster)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes that calibrate the methods side by side (default: the CPU cores available, "
+                   f"here {default_workers()}; 1: all in this process)")
     p.add_argument("--sigma-scales", help="comma-separated Σ multipliers calibrated for cascade and cascade "
                    "routing (default: 1 for the noisy estimator, 0,0.5,1 for trained estimators)")
     p.add_argument("--min-spend", type=float, default=0.0,
@@ -296,6 +358,8 @@ def check_args(args) -> tuple[tuple[str, ...], tuple[float, ...]]:
         raise ValueError("--checkpoint needs --estimator learned")
     if args.folds < 2:
         raise ValueError(f"--folds must be at least 2, got {args.folds}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1 (1: calibrate in this process), got {args.workers}")
     default_scales = "1" if args.estimator == "noisy" else "0,0.5,1"
     try:
         sigma_scales = tuple(float(x) for x in (args.sigma_scales or default_scales).split(","))
@@ -325,6 +389,7 @@ def run(args) -> dict:
         force_order=args.force_order,
         n_bootstrap=args.bootstrap,
         seed=args.seed,
+        workers=args.workers,
         kernel=KernelConfig(n_samples=args.samples, seed=args.seed),
         calibration=CalibrationConfig(n_trials=args.trials, cascade_routing_trials=args.cascade_routing_trials,
                                       seed=args.seed, sigma_scales=sigma_scales, min_spend=args.min_spend),

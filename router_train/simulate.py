@@ -32,6 +32,8 @@ class Outcome:
     quality: torch.Tensor  # (n,) float64
     answer: torch.Tensor  # (n,) long
     run: torch.Tensor  # (n, k) bool
+    stable: tuple[tuple[float, float], ...] = ()  # if tracked, per multiplier λ_t (or threshold θ_t): the open
+    # range around its value in which every decision of this run, hence the whole outcome, stays the same
 
     @property
     def mean_cost(self) -> float:
@@ -204,16 +206,18 @@ class Simulator:
         store = self._candidate_store(strategy, int(run[0].sum()))
         return _stored_candidates(store, store.lookup(rows, run))
 
-    def _next_models(self, store: _StateStore, slots: torch.Tensor, lam: float, expensive: torch.Tensor) -> torch.Tensor:
-        """Next model (-1: stop) of each state at λ, from the λ table; rows whose λ is within rounding
-        distance of a breakpoint are decided by `choose`."""
-        pick, sure = store.lambdas.lookup(slots, lam, expensive)
+    def _next_models(
+        self, store: _StateStore, slots: torch.Tensor, lam: float, expensive: torch.Tensor, track: bool
+    ) -> tuple[torch.Tensor, tuple[float, float] | None]:
+        """Next model (-1: stop) of each state at λ, from the λ table (rows whose λ is within rounding
+        distance of a breakpoint are decided by `choose`), and, if `track`, the range of λ keeping every decision."""
+        pick, sure, stable = store.lambdas.lookup(slots, lam, expensive, stable=track)
         nxt = store.data["next"].view(-1).index_select(0, slots * store.data["next"].shape[1] + pick)
         unsure = (~sure).nonzero().squeeze(1)
         if unsure.numel():
             cands = _stored_candidates(store, slots[unsure])
             nxt[unsure] = cands.next_model(choose(cands, lam, expensive[unsure], tie_tol=self.kernel.tie_tol))
-        return nxt
+        return nxt, stable
 
     def _children(
         self, store: _StateStore, target: _StateStore, slots: torch.Tensor, nxt: torch.Tensor, rows: torch.Tensor,
@@ -230,8 +234,9 @@ class Simulator:
         return child
 
     # -- running strategies -----------------------------------------------------------------
-    def run(self, strategy: Strategy, expensive: bool | torch.Tensor = False) -> Outcome:
-        """Run a strategy on every query with the given tie-break (all cheap, all expensive, or per query).
+    def run(self, strategy: Strategy, expensive: bool | torch.Tensor = False, *, track: bool = False) -> Outcome:
+        """Run a strategy on every query with the given tie-break (all cheap, all expensive, or per query);
+        `track`: also find the ranges of the multipliers that keep the outcome (`Outcome.stable`).
 
         Each query walks its states step by step: a state's decision comes from its cached λ table,
         the next state from its cached pointer; only states never visited before are computed."""
@@ -242,6 +247,8 @@ class Simulator:
         active = torch.arange(n)
         answer = torch.full((n,), -1, dtype=torch.long)
         depth = min(strategy.max_depth, k)
+        inf = float("inf")
+        stable = [(-inf, inf)] * len(strategy.thresholds if threshold else strategy.lambdas)
         store = self._step_store(strategy, 0)
         if store.root is None:
             store.root = store.lookup(active, run)
@@ -256,8 +263,10 @@ class Simulator:
             if threshold:
                 quality = store.data["quality"].index_select(0, slots) if t > 0 else torch.zeros(active.numel(), k)
                 nxt = threshold_step(quality, t, strategy, dear, self.kernel.tie_tol)
+                if t > 0 and track:
+                    stable[t - 1] = _threshold_range(quality[:, t - 1], strategy.thresholds[t - 1], self.kernel.tie_tol)
             else:
-                nxt = self._next_models(store, slots, strategy.lambdas[t], dear)
+                nxt, stable[t] = self._next_models(store, slots, strategy.lambdas[t], dear, track)
             stop = nxt < 0
             if stop.any():
                 answer[active[stop]] = t - 1 if threshold else store.data["answer"][slots[stop]]
@@ -269,7 +278,7 @@ class Simulator:
             store = target
         cost = (self.table.cost * run).sum(1)
         quality = self.table.quality.gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
-        return Outcome(cost=cost, quality=quality, answer=answer, run=run)
+        return Outcome(cost=cost, quality=quality, answer=answer, run=run, stable=tuple(stable) if track else ())
 
     def expected(self, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-query expected (cost, quality) of a strategy that breaks ties expensively with probability γ."""
@@ -279,6 +288,22 @@ class Simulator:
         dear = self.run(strategy, True)
         g = strategy.gamma
         return (1 - g) * cheap.cost + g * dear.cost, (1 - g) * cheap.quality + g * dear.quality
+
+
+def _threshold_range(quality: torch.Tensor, theta: float, tie_tol: float) -> tuple[float, float]:
+    """Open range of θ around `theta` in which `threshold_step` decides every row as at `theta`: it
+    changes where q̂ - (1 - θ) crosses ±tie_tol (with a margin for rounding)."""
+    inf = float("inf")
+    if quality.numel() == 0:
+        return (-inf, inf)
+    ends = torch.cat([1.0 - quality - tie_tol, 1.0 - quality + tie_tol]).to(torch.float64)
+    margin = 1e-9 * (1.0 + ends.abs())
+    if bool(((ends - theta).abs() <= margin).any()):
+        return (theta, theta)
+    below, above = ends < theta, ends > theta
+    low = float((ends + margin)[below].max()) if bool(below.any()) else -inf
+    high = float((ends - margin)[above].min()) if bool(above.any()) else inf
+    return (low, high)
 
 
 def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

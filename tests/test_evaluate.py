@@ -198,3 +198,22 @@ def test_cli_trains_other_estimators(table_path, tmp_path, estimator):
 def test_cli_rejects_a_checkpoint_for_other_estimators(table_path, tmp_path, capsys):
     argv = ["--data", str(table_path), "--checkpoint", "x", "--out", str(tmp_path / "r")]
     assert "--checkpoint needs --estimator learned" in user_error(capsys, argv)
+
+
+def test_worker_processes_give_the_report_of_one_process(table_path, tmp_path, capsys):
+    """Methods calibrated side by side in forked workers: the same strategies, curves and AUCs."""
+    reports = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"report-{workers}"
+        evaluate_cli.main(["--data", str(table_path), "--estimator", "noisy", "--noise", "low", "--out", str(out),
+                           "--workers", workers, *TINY])
+        err = capsys.readouterr().err
+        assert ("(worker process)" in err) == (workers == "2")
+        reports[workers] = json.loads((out / "metrics.json").read_text())
+        del reports[workers]["wall_time_s"]
+    assert reports["1"] == reports["2"]
+
+
+def test_workers_must_be_positive(table_path, tmp_path, capsys):
+    line = user_error(capsys, ["--data", str(table_path), "--workers", "0", "--out", str(tmp_path / "r"), *TINY])
+    assert "--workers must be at least 1" in line

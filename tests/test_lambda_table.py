@@ -46,7 +46,7 @@ def test_the_table_picks_as_choose_wherever_it_is_sure(seed, m):
     for lam in (x for x in lams if x >= 0):
         for dear in (False, True):
             expensive = torch.full((8,), dear)
-            pick, sure = table.lookup(rows, lam, expensive)
+            pick, sure, _ = table.lookup(rows, lam, expensive)
             want = choose(candidates(value, cost, valid), lam, expensive)
             assert torch.equal(pick[sure], want[sure]), (lam, dear)
 
@@ -59,10 +59,10 @@ def test_the_table_is_sure_away_from_breakpoints():
     table = LambdaTable.build(value, cost, valid)
     rows = torch.arange(200)
     for lam in rng.exponential(50.0, 30).tolist():
-        _, sure = table.lookup(rows, lam, torch.zeros(200, dtype=torch.bool))
+        _, sure, _ = table.lookup(rows, lam, torch.zeros(200, dtype=torch.bool))
         assert bool(sure.all())
     at = float(table.breaks[table.offsets[5]])  # state 5's first breakpoint
-    _, sure = table.lookup(rows, at, torch.zeros(200, dtype=torch.bool))
+    _, sure, _ = table.lookup(rows, at, torch.zeros(200, dtype=torch.bool))
     assert not bool(sure[5])
 
 
@@ -81,7 +81,7 @@ def test_pruned_rows_of_mixed_widths_keep_every_decision(seed):
     for lam in [0.0, *rng.exponential(100.0, 10).tolist(), 1e9]:
         for dear in (False, True):
             expensive = torch.full((b,), dear)
-            pick, sure = table.lookup(torch.arange(b), lam, expensive)
+            pick, sure, _ = table.lookup(torch.arange(b), lam, expensive)
             want = full.subsets(choose(full, lam, expensive))
             assert torch.equal(pruned.subsets(pick)[sure], want[sure])
 
@@ -111,7 +111,7 @@ def test_a_lambda_on_a_breakpoint_is_decided_by_choose_and_matches_the_kernel(se
     breaks = store.lambdas.breaks[store.lambdas.offsets[slots[0]]:store.lambdas.offsets[slots[0] + 1]]
     assert breaks.numel() > 0
     for lam in breaks[breaks >= 0].tolist():
-        _, sure = store.lambdas.lookup(slots[:1], lam, torch.zeros(1, dtype=torch.bool))
+        _, sure, _ = store.lambdas.lookup(slots[:1], lam, torch.zeros(1, dtype=torch.bool))
         assert not bool(sure[0])  # query 0 is left to `choose` ...
         strategy = probe.replace(lambdas=[lam] * 3)
         for dear in (False, True):  # ... and the outcome is still the kernel's

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from estimators import NoisyEstimator
-from router_train.calibrate import CalibrationConfig, calibrate
+from router_train.calibrate import CalibrationConfig, SweepMemo, calibrate, calibrate_sweep
 from router_train.kernel import KernelConfig, decide
 from router_train.kernel.candidates import Candidates, choose
 from router_train.kernel.prune import prune
@@ -148,15 +148,15 @@ def test_cascade_routing_trials_apply_to_cascade_routing_alone(setup):
     costs = table.train().cost.mean(0)
     budget = float(costs[1] + 0.4 * (costs[3] - costs[1]))
     config = CalibrationConfig(n_trials=8, cascade_routing_trials=0, seed=0)
-    shared_runs, searched_runs = {}, {}
+    shared_runs, searched_runs = SweepMemo(), SweepMemo()
     shared = calibrate(sim, "cascade_routing", budget, max_depth=3, config=config, memo=shared_runs)
     assert len(set(shared.strategy.lambdas)) == 1 and shared.strategy.lambdas[0] > 0
     assert shared.cost == pytest.approx(budget, rel=1e-6)
-    assert all(len(set(s.lambdas)) == 1 for s in shared_runs)  # no per-step shape was ever simulated
+    assert all(len(set(s.lambdas)) == 1 for s in shared_runs.outcomes)  # no per-step shape was ever simulated
     assert CalibrationConfig().trials_for("cascade_routing") == 0  # one λ is the default
     calibrate(sim, "cascade_routing", budget, max_depth=3,
               config=CalibrationConfig(n_trials=8, cascade_routing_trials=None, seed=0), memo=searched_runs)
-    assert any(len(set(s.lambdas)) > 1 for s in searched_runs)
+    assert any(len(set(s.lambdas)) > 1 for s in searched_runs.outcomes)
     cascade = calibrate(sim, "threshold_cascade", budget, max_depth=3, config=config)
     assert cascade.strategy == calibrate(sim, "threshold_cascade", budget, max_depth=3,
                                          config=CalibrationConfig(n_trials=8, seed=0)).strategy
@@ -195,3 +195,27 @@ def test_uncapped_cascades_calibrate_with_29_models(mode):
     assert fit.strategy.max_depth == 29 and len(params) == (28 if mode == "threshold_cascade" else 29)
     assert fit.cost <= budget * (1 + 1e-9)
     assert int(sim.run(fit.strategy).run.sum(1).max()) > 3
+
+
+def test_bisection_reuses_ranges_where_the_outcome_is_constant(setup, monkeypatch):
+    """A simulation's stable range of the scale stands in for simulations inside it: the same fits
+    with fewer simulations."""
+    table, estimator, _ = setup
+    costs = table.train().cost.mean(0)
+    budgets = [float(costs[1] + f * (costs[3] - costs[1])) for f in (0.2, 0.5, 0.8)]
+    counts, fits = {}, {}
+    for reuse in (False, True):
+        with monkeypatch.context() as patch:
+            if not reuse:
+                patch.setattr(SweepMemo, "known", lambda self, key, scale: None)
+            sim = Simulator(table.train(), estimator, kernel=KERNEL)
+            runs = []
+            original = sim.run
+            patch.setattr(sim, "run", lambda *a, **k: runs.append(a[0]) or original(*a, **k))
+            fits[reuse] = [
+                calibrate_sweep(sim, mode, budgets, max_depth=3, config=CalibrationConfig(n_trials=4, seed=0))
+                for mode in ("routing", "threshold_cascade", "cascade", "cascade_routing")
+            ]
+            counts[reuse] = len(runs)
+    assert [[f.strategy for f in fs] for fs in fits[True]] == [[f.strategy for f in fs] for fs in fits[False]]
+    assert counts[True] < 0.8 * counts[False], counts

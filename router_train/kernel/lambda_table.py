@@ -90,10 +90,15 @@ class LambdaTable:
             offsets=offsets, **{f: torch.cat([getattr(t, f) for t in tables]) for f in fields}
         )
 
-    def lookup(self, slots: torch.Tensor, lam: float, expensive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick of each state in `slots` at λ with its tie-break, and whether that pick is certain
-        (False: λ is within rounding distance of a breakpoint; decide that row with `choose`)."""
+    def lookup(
+        self, slots: torch.Tensor, lam: float, expensive: torch.Tensor, *, stable: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]:
+        """Pick of each state in `slots` at λ with its tie-break; whether that pick is certain (False: λ
+        is within rounding distance of a breakpoint; decide that row with `choose`); and, if `stable`,
+        the open range of λ around `lam` in which every pick stays the same (just `lam` when some row
+        is uncertain; None otherwise)."""
         lam = float(lam)
+        inf = float("inf")
         below = torch.cat([torch.zeros(1, dtype=torch.long), (self.breaks <= lam).long().cumsum(0)])
         start = self.offsets.index_select(0, slots)
         end = self.offsets.index_select(0, slots + 1)
@@ -101,14 +106,29 @@ class LambdaTable:
         at = start + slots + m
         pick = torch.where(expensive, self.dear.index_select(0, at), self.cheap.index_select(0, at))
         per_state = self.per_state.index_select(0, slots)  # margin_abs, margin_rel, flat_gap, max |E| + tol, max C
-        margin = per_state[:, 0] + per_state[:, 1] * abs(lam)
-        near = per_state[:, 2] <= _SAFETY * (per_state[:, 3] + abs(lam) * per_state[:, 4])
+        m_abs, m_rel, flat_gap, vmax, cmax = per_state.unbind(1)
+        near = flat_gap <= _SAFETY * (vmax + abs(lam) * cmax)
         if self.breaks.numel():
             last = self.breaks.numel() - 1
             lo = self.breaks.index_select(0, (start + m - 1).clamp(0, last))
             hi = self.breaks.index_select(0, (start + m).clamp(0, last))
-            near |= ((m > 0) & (lam - lo <= margin)) | ((start + m < end) & (hi - lam <= margin))
-        return pick, ~near
+            has_lo, has_hi = m > 0, start + m < end
+            margin = m_abs + m_rel * abs(lam)
+            near |= (has_lo & (lam - lo <= margin)) | (has_hi & (hi - lam <= margin))
+        if not stable:
+            return pick, ~near, None
+        if slots.numel() == 0:
+            return pick, ~near, (-inf, inf)
+        if bool(near.any()):
+            return pick, ~near, (lam, lam)
+        # equal-cost pairs stay decided by their values below `flat_from`; beside a breakpoint, twice
+        # its margin keeps any λ in the range beyond its own margin too
+        high = torch.where(cmax > 0, (flat_gap / _SAFETY - vmax) / cmax * (1 - 1e-9), inf)
+        low = torch.full_like(high, -inf)
+        if self.breaks.numel():
+            low = torch.where(has_lo, lo + 2 * (m_abs + m_rel * lo.abs()), -inf)
+            high = torch.minimum(high, torch.where(has_hi, hi - 2 * (m_abs + m_rel * hi.abs()), inf))
+        return pick, ~near, (float(low.max()), float(high.min()))
 
 
 def _build_block(
