@@ -45,6 +45,7 @@ class CalibrationSettings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     sigma_scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # Σ multipliers to calibrate
     min_spend: float = 0.0  # share of a budget a fitted strategy spends at least on the calibration queries
+    workers: int | None = None  # processes calibrating the methods side by side (None: the CPU cores available)
 
 
 @dataclass
@@ -86,6 +87,9 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         value = getattr(config.calibration, key)
         if value is not None and value < 0:
             raise ValueError(f"{path}: calibration.{key} must be >= 0 (0: one multiplier for every step), got {value}")
+    if config.calibration.workers is not None and config.calibration.workers < 1:
+        raise ValueError(f"{path}: calibration.workers must be at least 1 (or null: the CPU cores available), "
+                         f"got {config.calibration.workers}")
     if not 0.0 <= config.calibration.min_spend <= 1.0:
         raise ValueError(f"{path}: calibration.min_spend is a share of the budget in [0, 1], "
                          f"got {config.calibration.min_spend}")

@@ -47,7 +47,7 @@ from . import manifest as manifest_format
 from .calibrate import CalibrationConfig
 from .cli import add_debug_flag, user_errors
 from .config import TrainConfig, load_config, to_dict
-from .evaluate import EvaluationConfig, evaluate, write_report
+from .evaluate import EvaluationConfig, default_workers, evaluate, write_report
 from .kernel import KernelConfig
 from .outputs import atomic_write_json, new_version, publish_version, remove_stale_versions
 from .table import RoutingTable, check_cost_spread, load_table, load_train_test
@@ -275,6 +275,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print, threads: int
         methods=tuple(cal.methods),
         n_bootstrap=cal.bootstrap,
         seed=config.seed,
+        workers=cal.workers or default_workers(),
         kernel=KernelConfig(n_samples=cal.samples, seed=config.seed),
         calibration=CalibrationConfig(n_trials=cal.trials, cascade_routing_trials=cal.cascade_routing_trials,
                                       seed=config.seed, sigma_scales=tuple(cal.sigma_scales), min_spend=cal.min_spend),

@@ -101,7 +101,8 @@ def test_data_overrides_and_unknown_config_keys(tiny_recipe, tmp_path):
     for key, value, message in (("data", {"split": "random"}, "data.split must be auto, column or seeded"),
                                 ("calibration", {"min_spend": 2}, "calibration.min_spend is a share"),
                                 ("calibration", {"cascade_routing_trials": -1},
-                                 "calibration.cascade_routing_trials must be >= 0")):
+                                 "calibration.cascade_routing_trials must be >= 0"),
+                                ("calibration", {"workers": 0}, "calibration.workers must be at least 1")):
         bad.write_text(yaml.safe_dump({**config, key: {**config[key], **value}}))
         with pytest.raises(ValueError, match=message):
             load_config(bad)
