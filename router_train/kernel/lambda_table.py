@@ -26,16 +26,19 @@ _BUILD_ELEMENTS = 1 << 22
 
 @dataclass
 class LambdaTable:
-    """Per state s: sorted breakpoints `breaks[offsets[s]:offsets[s+1]]` and, for interval m (m of
-    them below λ), the pick `cheap` / `dear` at `offsets[s] + s + m`; the rounding margin of a λ near a
-    breakpoint is `margin_abs + margin_rel · λ`; `flat_gap` (min |E_i - E_j - tol| over equal-cost
-    pairs) flags states whose ties rounding decides (see `lookup`); all five per state in `per_state`."""
+    """Per state s: sorted breakpoints `breaks[offsets[s]:offsets[s+1]]`; for the interval with m of
+    them at or below λ, at `offsets[s] + s + m`: the picks (cheap, dear) and the range of λ in which
+    they are certain (`safe`: the interval shrunk by twice the rounding margin at its ends, and cut
+    where equal-cost pairs' ties start to depend on rounding)."""
 
     breaks: torch.Tensor  # (P,) float64
     offsets: torch.Tensor  # (S + 1,) long
-    cheap: torch.Tensor  # (P + S,) long
-    dear: torch.Tensor  # (P + S,) long
-    per_state: torch.Tensor  # (S, 5) float64: margin_abs, margin_rel, flat_gap, max |E| + tol, max C
+    pick: torch.Tensor  # (P + S, 2) long: column picked with the cheap / the expensive tie-break
+    safe: torch.Tensor  # (P + S, 2) float64: open range of λ in which the picks are certain
+
+    def __post_init__(self) -> None:
+        start, end = self.offsets[:-1], self.offsets[1:]
+        self.span = torch.stack([start, end, start + torch.arange(start.numel())], 1)  # breaks and interval base
 
     @staticmethod
     def build(
@@ -75,17 +78,14 @@ class LambdaTable:
         intervals = count + 1
         within_i = torch.arange(int(intervals.sum())) - torch.repeat_interleave(offsets[:-1] + torch.arange(order.numel()), intervals)
         flat_i = torch.repeat_interleave(start + order, intervals) + within_i
-        return LambdaTable(
-            breaks=self.breaks[flat], offsets=offsets, cheap=self.cheap[flat_i], dear=self.dear[flat_i],
-            per_state=self.per_state[order],
-        )
+        return LambdaTable(breaks=self.breaks[flat], offsets=offsets, pick=self.pick[flat_i], safe=self.safe[flat_i])
 
     @staticmethod
     def cat(tables: list["LambdaTable"]) -> "LambdaTable":
         """Tables of consecutive groups of states as one."""
         shift = torch.tensor([0] + [int(t.breaks.numel()) for t in tables[:-1]]).cumsum(0)
         offsets = torch.cat([tables[0].offsets[:1]] + [t.offsets[1:] + s for t, s in zip(tables, shift)])
-        fields = ("breaks", "cheap", "dear", "per_state")
+        fields = ("breaks", "pick", "safe")
         return LambdaTable(
             offsets=offsets, **{f: torch.cat([getattr(t, f) for t in tables]) for f in fields}
         )
@@ -98,37 +98,20 @@ class LambdaTable:
         the open range of λ around `lam` in which every pick stays the same (just `lam` when some row
         is uncertain; None otherwise)."""
         lam = float(lam)
-        inf = float("inf")
         below = torch.cat([torch.zeros(1, dtype=torch.long), (self.breaks <= lam).long().cumsum(0)])
-        start = self.offsets.index_select(0, slots)
-        end = self.offsets.index_select(0, slots + 1)
-        m = below.index_select(0, end) - below.index_select(0, start)
-        at = start + slots + m
-        pick = torch.where(expensive, self.dear.index_select(0, at), self.cheap.index_select(0, at))
-        per_state = self.per_state.index_select(0, slots)  # margin_abs, margin_rel, flat_gap, max |E| + tol, max C
-        m_abs, m_rel, flat_gap, vmax, cmax = per_state.unbind(1)
-        near = flat_gap <= _SAFETY * (vmax + abs(lam) * cmax)
-        if self.breaks.numel():
-            last = self.breaks.numel() - 1
-            lo = self.breaks.index_select(0, (start + m - 1).clamp(0, last))
-            hi = self.breaks.index_select(0, (start + m).clamp(0, last))
-            has_lo, has_hi = m > 0, start + m < end
-            margin = m_abs + m_rel * abs(lam)
-            near |= (has_lo & (lam - lo <= margin)) | (has_hi & (hi - lam <= margin))
+        span = self.span.index_select(0, slots)
+        at = span[:, 2] + below.index_select(0, span[:, 1]) - below.index_select(0, span[:, 0])
+        picks = self.pick.index_select(0, at)
+        pick = torch.where(expensive, picks[:, 1], picks[:, 0])
+        safe = self.safe.index_select(0, at)
+        sure = (safe[:, 0] < lam) & (lam < safe[:, 1])
         if not stable:
-            return pick, ~near, None
+            return pick, sure, None
         if slots.numel() == 0:
-            return pick, ~near, (-inf, inf)
-        if bool(near.any()):
-            return pick, ~near, (lam, lam)
-        # equal-cost pairs stay decided by their values below `flat_from`; beside a breakpoint, twice
-        # its margin keeps any λ in the range beyond its own margin too
-        high = torch.where(cmax > 0, (flat_gap / _SAFETY - vmax) / cmax * (1 - 1e-9), inf)
-        low = torch.full_like(high, -inf)
-        if self.breaks.numel():
-            low = torch.where(has_lo, lo + 2 * (m_abs + m_rel * lo.abs()), -inf)
-            high = torch.minimum(high, torch.where(has_hi, hi - 2 * (m_abs + m_rel * hi.abs()), inf))
-        return pick, ~near, (float(low.max()), float(high.min()))
+            return pick, sure, (-float("inf"), float("inf"))
+        if not bool(sure.all()):
+            return pick, sure, (lam, lam)
+        return pick, sure, (float(safe[:, 0].max()), float(safe[:, 1].min()))
 
 
 def _build_block(
@@ -173,15 +156,30 @@ def _build_block(
     keep_interval = torch.arange(width + 1).unsqueeze(0) <= count.unsqueeze(1)
     keep_break = torch.arange(width).unsqueeze(0) < count.unsqueeze(1)
 
+    # rounding: `choose` compares τs computed in float64; the slack of tie status near a breakpoint
+    # shrinks with the smallest cost difference (the slope of τ_i - τ_j in λ)
     vmax = torch.where(valid, v.abs(), 0.0).amax(1) + tie_tol
     cmax = torch.where(valid, c.abs(), 0.0).amax(1)
     pair = ok_i & valid.unsqueeze(2)
     dc_min = torch.where(pair & (dc != 0), dc.abs(), inf).amin(1).amin(1)
+    m_abs = torch.where(torch.isfinite(dc_min), _SAFETY * 2 * vmax / dc_min, 0.0).unsqueeze(1)
+    m_rel = torch.where(torch.isfinite(dc_min), _SAFETY * (2 * cmax / dc_min + 1), _SAFETY).unsqueeze(1)
+    # equal-cost pairs: tied or not by E_i - E_j - tol alone, unless that is within rounding of
+    # SAFETY (|E| + λ |C|), i.e. from λ = flat_from on
     flat_gap = torch.where(same & ~torch.eye(w, dtype=torch.bool).unsqueeze(0), dv.abs(), inf).amin(2).amin(1)
-    margin_abs = torch.where(torch.isfinite(dc_min), _SAFETY * 2 * vmax / dc_min, 0.0)
-    margin_rel = torch.where(torch.isfinite(dc_min), _SAFETY * (2 * cmax / dc_min + 1), _SAFETY)
+    flat_ok = flat_gap > _SAFETY * vmax
+    flat_from = torch.where(
+        cmax > 0, (flat_gap / _SAFETY - vmax) / cmax.clamp(min=1e-300) * (1 - 1e-9), torch.where(flat_ok, inf, -inf)
+    )
+    flat_from = torch.where(flat_ok, flat_from, -inf).unsqueeze(1)
+    # twice the margin at each end: a λ inside is beyond the margin at λ itself too
+    finite = torch.isfinite(ends)
+    shrunk_lo = torch.where(finite, ends + 2 * (m_abs + m_rel * ends.abs()), inf)
+    shrunk_hi = torch.where(finite, ends - 2 * (m_abs + m_rel * ends.abs()), inf)
+    safe_lo = torch.cat([torch.full((b, 1), -inf, dtype=torch.float64), shrunk_lo], 1)  # (b, 2w + 1)
+    safe_hi = torch.minimum(torch.cat([shrunk_hi, torch.full((b, 1), inf, dtype=torch.float64)], 1), flat_from)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), count.cumsum(0)])
     return LambdaTable(
-        breaks=ends[keep_break], offsets=offsets, cheap=cheap[keep_interval], dear=dear[keep_interval],
-        per_state=torch.stack([margin_abs, margin_rel, flat_gap, vmax, cmax], 1),
+        breaks=ends[keep_break], offsets=offsets, pick=torch.stack([cheap, dear], 2)[keep_interval],
+        safe=torch.stack([safe_lo, safe_hi], 2)[keep_interval],
     )
