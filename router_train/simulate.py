@@ -113,6 +113,23 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x, tail], 1)
 
 
+PREFIX_MODES = ("cascade", "threshold_cascade")
+"""Modes whose run sets are prefixes of the model order: `Simulator` reads all their decisions at once."""
+
+
+@dataclass
+class _PrefixStates:
+    """Every prefix state (row, first t models) of a cascade structure, by step t: their slots in the
+    step's store; for the cascade per step a λ table of the rows whose picks are 1 (go on) / 0 (stop),
+    and the answer model at each t <= depth; for the thresholding cascade the estimate of model t - 1 at t."""
+
+    depth: int
+    slots: list
+    tables: list | None = None  # per step t < depth: LambdaTable with state r = query r
+    answers: torch.Tensor | None = None  # (depth + 1, n)
+    quality: torch.Tensor | None = None  # (depth - 1, n): at step t (1..depth-1), q̂ of model t - 1
+
+
 class Simulator:
     """Runs strategies on a fully observed table with an estimator, caching the λ-independent work."""
 
@@ -132,6 +149,7 @@ class Simulator:
         self.batch_size = batch_size
         self.n, self.k = table.n, table.k
         self._stores: dict[tuple, _StateStore] = {}
+        self._prefix: dict[tuple, _PrefixStates] = {}
 
     # -- cached state data ------------------------------------------------------------------
     def _batches(self, rows: torch.Tensor, run: torch.Tensor):
@@ -152,11 +170,15 @@ class Simulator:
             self._stores[key] = _StateStore(self.k, t, self.n, compute)
         return self._stores[key]
 
+    def _candidate_key(self, strategy: Strategy, t: int) -> tuple:
+        """What the candidates of step t depend on: the strategy's structure, not its multipliers."""
+        return ("candidates", strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k),
+                strategy.sigma_scale, t)
+
     def _candidate_store(self, strategy: Strategy, t: int) -> _StateStore:
         """Pruned candidates of the states with t models run for the strategy's structure, with their
         λ table, the next model of each candidate and the answer model of each state."""
-        key = ("candidates", strategy.mode == "cascade", strategy.force_order, min(strategy.max_depth, self.k),
-               strategy.sigma_scale, t)
+        key = self._candidate_key(strategy, t)
         if key in self._stores:
             return self._stores[key]
         chunk = chunk_rows(self.k, t, strategy, self.kernel)
@@ -242,6 +264,8 @@ class Simulator:
         the next state from its cached pointer; only states never visited before are computed."""
         n, k = self.n, self.k
         expensive = torch.as_tensor(expensive, dtype=torch.bool).expand(n)
+        if strategy.mode in PREFIX_MODES:
+            return self._run_prefix(strategy, expensive, track)
         threshold = strategy.mode == "threshold_cascade"
         run = torch.zeros(n, k, dtype=torch.bool)
         active = torch.arange(n)
@@ -279,6 +303,89 @@ class Simulator:
         cost = (self.table.cost * run).sum(1)
         quality = self.table.quality.gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
         return Outcome(cost=cost, quality=quality, answer=answer, run=run, stable=tuple(stable) if track else ())
+
+    # -- the cascades: every query's run sets are prefixes of the model order ---------------------
+    def _prefix_states(self, strategy: Strategy) -> _PrefixStates:
+        """All prefix states (row, first t models) of the cascade's structure, t < depth, read at once."""
+        depth = min(strategy.max_depth, self.k)
+        threshold = strategy.mode == "threshold_cascade"
+        key = ("prefix", threshold, depth) + (() if threshold else self._candidate_key(strategy, 0)[1:-1])
+        if key in self._prefix:
+            return self._prefix[key]
+        n = self.n
+        rows = torch.arange(n)
+        order = torch.arange(self.k).unsqueeze(0)
+        slots, answers, tables, estimates = [], [], [], []
+        for t in range(depth + 1):
+            run = (order < t).expand(n, -1)
+            store = self._step_store(strategy, t)
+            slot = store.lookup(rows, run)
+            slots.append(slot)
+            if threshold:
+                if 0 < t < depth:
+                    estimates.append(store.data["quality"][slot, t - 1])
+                continue
+            answers.append(store.data["answer"][slot])
+            if t < depth:  # each interval's pick as "go on" (1) or "stop" (0)
+                sub = store.lambdas.reorder(slot)
+                counts = sub.offsets[1:] - sub.offsets[:-1] + 1
+                state = torch.repeat_interleave(torch.arange(n), counts)
+                nxt = store.data["next"]
+                go = nxt[slot[state].unsqueeze(1), sub.pick].ge(0).long()
+                tables.append(LambdaTable(sub.breaks, sub.offsets, go, sub.safe))
+        states = _PrefixStates(depth=depth, slots=slots)
+        if threshold:
+            states.quality = torch.stack(estimates) if estimates else torch.empty(0, n, dtype=torch.float64)
+        else:
+            states.answers = torch.stack(answers)
+            states.tables = tables
+        self._prefix[key] = states
+        return states
+
+    def _run_prefix(self, strategy: Strategy, expensive: torch.Tensor, track: bool) -> Outcome:
+        """A cascade run: the state after t models is the same for every path, so each step reads the
+        decisions of the queries still running from the stacked prefix states (as `run` step by step,
+        without walking state pointers); a query's answer is read once it stops."""
+        n, k = self.n, self.k
+        states = self._prefix_states(strategy)
+        depth = states.depth
+        threshold = strategy.mode == "threshold_cascade"
+        steps = torch.full((n,), depth, dtype=torch.long)  # models run per query
+        active = torch.arange(n)
+        stable = [(-float("inf"), float("inf"))] * (depth - 1 if threshold else depth) if track else []
+        for t in range(depth):
+            if active.numel() == 0:
+                break
+            dear = expensive.index_select(0, active)
+            if threshold:
+                if t == 0:
+                    continue  # the first model always runs
+                quality = states.quality[t - 1].index_select(0, active)
+                gap = quality - (1.0 - strategy.thresholds[t - 1])
+                tol = self.kernel.tie_tol
+                go = (gap < -tol) | ((gap.abs() <= tol) & dear)
+                if track:
+                    stable[t - 1] = _threshold_range(quality, strategy.thresholds[t - 1], tol)
+            else:
+                flags, sure, rng = states.tables[t].lookup(active, strategy.lambdas[t], dear, stable=track)
+                unsure = (~sure).nonzero().squeeze(1)
+                if unsure.numel():  # λ within rounding distance of a breakpoint: `choose`
+                    store = self._candidate_store(strategy, t)
+                    cands = _stored_candidates(store, states.slots[t].index_select(0, active[unsure]))
+                    pick = choose(cands, strategy.lambdas[t], dear[unsure], tie_tol=self.kernel.tie_tol)
+                    flags[unsure] = cands.next_model(pick).ge(0).long()
+                go = flags.bool()
+                if track:
+                    stable[t] = rng
+            stop = (~go).nonzero().squeeze(1)
+            if stop.numel():
+                steps[active[stop]] = t
+                active = active[go]
+        run = torch.arange(k).unsqueeze(0) < steps.unsqueeze(1)
+        answer = steps - 1 if threshold else states.answers.gather(0, steps.unsqueeze(0)).squeeze(0)
+        cost = (self.table.cost * run).sum(1)
+        quality = self.table.quality.gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return Outcome(cost=cost, quality=quality, answer=answer, run=run, stable=tuple(stable))
 
     def expected(self, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-query expected (cost, quality) of a strategy that breaks ties expensively with probability γ."""

@@ -119,3 +119,22 @@ def test_a_lambda_on_a_breakpoint_is_decided_by_choose_and_matches_the_kernel(se
             run, answer = step_by_step(table, estimator, strategy, dear)
             assert torch.equal(outcome.run, run)
             assert torch.equal(outcome.answer, answer)
+
+
+def test_a_cascade_lambda_on_a_breakpoint_is_decided_by_choose_and_matches_the_kernel(setup):
+    """The cascades read every decision at once (`Simulator._run_prefix`); rows on a breakpoint still go to `choose`."""
+    table, estimator, _ = setup
+    sim = Simulator(table, estimator, kernel=KERNEL)
+    probe = Strategy("cascade", table.k, lambdas=[100.0] * table.k)
+    sim.run(probe)
+    store = sim._candidate_store(probe, 1)
+    slot = sim._prefix_states(probe).slots[1][0]  # query 0 after its first model
+    breaks = store.lambdas.breaks[store.lambdas.offsets[slot]:store.lambdas.offsets[slot + 1]]
+    assert breaks.numel() > 0
+    for lam in breaks[breaks >= 0].tolist():
+        strategy = probe.replace(lambdas=[100.0, lam] + [100.0] * (table.k - 2))
+        for dear in (False, True):
+            outcome = sim.run(strategy, dear)
+            run, answer = step_by_step(table, estimator, strategy, dear)
+            assert torch.equal(outcome.run, run)
+            assert torch.equal(outcome.answer, answer)
