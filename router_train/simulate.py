@@ -187,7 +187,7 @@ class Simulator:
             parts, answers = [], []
             for part_run, est in self._batches(rows, run):
                 answers.append(answer_models(est.quality, part_run))
-                factor = factorize(scaled_cov(est.cov, strategy.sigma_scale), dtype=self.kernel.dtype)
+                factor = factorize(scaled_cov(est.cov, strategy.sigma_scale), dtype=self.kernel.dtype, validate=False)
                 for j in range(0, part_run.shape[0], chunk):
                     sl = slice(j, j + chunk)
                     cands = step_candidates(

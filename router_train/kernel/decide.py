@@ -37,23 +37,31 @@ class StepDecision:
     supermodel: torch.Tensor  # (B,) long bitmask of the chosen supermodel S* (the run set when stopping)
 
 
-def factorize(cov: torch.Tensor | None, *, eps: float = CHOLESKY_EPS, dtype: torch.dtype = torch.float32):
+def factorize(
+    cov: torch.Tensor | None, *, eps: float = CHOLESKY_EPS, dtype: torch.dtype = torch.float32, validate: bool = True
+):
     """Cholesky factor of `Σ + εI` per query, as standard deviations `(B, k)` when every Σ is diagonal.
 
-    Raises a ValueError naming the first query whose Σ is not a finite, symmetric PSD matrix.
+    Raises a ValueError naming the first query whose Σ is not a finite, symmetric PSD matrix;
+    `validate=False` skips the finiteness and symmetry checks of the off-diagonal entries (two full
+    passes over Σ) where Σ comes from an estimator already checked, e.g. in the simulator.
     """
     if cov is None:
         return None
     if cov.dim() != 3 or cov.shape[1] != cov.shape[2]:
         raise ValueError(f"cov must have shape (B, k, k), got {tuple(cov.shape)}")
     cov = cov.to(torch.float64)
-    bad = ~torch.isfinite(cov).flatten(1).all(1)
+    if validate:
+        bad = ~torch.isfinite(cov).flatten(1).all(1)
+        if bad.any():
+            raise ValueError(f"cov of query {int(bad.nonzero()[0])} has NaN or infinite entries")
+        asym = (cov - cov.transpose(1, 2)).abs().flatten(1).amax(1) > 1e-9 * (1 + cov.abs().flatten(1).amax(1))
+        if asym.any():
+            raise ValueError(f"cov of query {int(asym.nonzero()[0])} is not symmetric")
+    diag = torch.diagonal(cov, dim1=1, dim2=2)
+    bad = ~torch.isfinite(diag).all(1)
     if bad.any():
         raise ValueError(f"cov of query {int(bad.nonzero()[0])} has NaN or infinite entries")
-    asym = (cov - cov.transpose(1, 2)).abs().flatten(1).amax(1) > 1e-9 * (1 + cov.abs().flatten(1).amax(1))
-    if asym.any():
-        raise ValueError(f"cov of query {int(asym.nonzero()[0])} is not symmetric")
-    diag = torch.diagonal(cov, dim1=1, dim2=2)
     if (diag < 0).any():
         raise ValueError(f"cov of query {int((diag < 0).any(1).nonzero()[0])} has a negative variance")
     if torch.count_nonzero(cov - torch.diag_embed(diag)) == 0:
