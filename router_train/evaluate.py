@@ -137,7 +137,7 @@ def run_methods(
     longest_first = sorted(modes, key=lambda m: -_EXPECTED_WORK.get(m, 0))
     _SHARED = (train_sim, test_sim, budgets, config)
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:  # frees each method's caches
             for mode, result, seconds in pool.imap_unordered(_run_shared, longest_first):
                 results[mode] = result
                 log(f"  {mode}: {len(budgets)} budgets calibrated and scored in {seconds:.1f}s (worker process)")

@@ -331,7 +331,7 @@ class Simulator:
                 counts = sub.offsets[1:] - sub.offsets[:-1] + 1
                 state = torch.repeat_interleave(torch.arange(n), counts)
                 nxt = store.data["next"]
-                go = nxt[slot[state].unsqueeze(1), sub.pick].ge(0).long()
+                go = nxt[slot[state].unsqueeze(1), sub.pick.long()].ge(0).to(torch.int16)
                 tables.append(LambdaTable(sub.breaks, sub.offsets, go, sub.safe))
         states = _PrefixStates(depth=depth, slots=slots)
         if threshold:

@@ -33,7 +33,7 @@ class LambdaTable:
 
     breaks: torch.Tensor  # (P,) float64
     offsets: torch.Tensor  # (S + 1,) long
-    pick: torch.Tensor  # (P + S, 2) long: column picked with the cheap / the expensive tie-break
+    pick: torch.Tensor  # (P + S, 2) int16: column picked with the cheap / the expensive tie-break
     safe: torch.Tensor  # (P + S, 2) float64: open range of λ in which the picks are certain
 
     def __post_init__(self) -> None:
@@ -53,6 +53,8 @@ class LambdaTable:
         `prune` leaves them), rows are built in groups of similar width, so the W² work follows each
         state's own count of candidates rather than the widest one's."""
         b, w = value.shape
+        if w > torch.iinfo(torch.int16).max:
+            raise ValueError(f"a λ table holds at most {torch.iinfo(torch.int16).max} candidates per state, got {w}")
         width = valid.sum(1)
         valid_first = bool((valid == (torch.arange(w).unsqueeze(0) < width.unsqueeze(1))).all())
         group = (2 ** width.clamp(min=1).double().log2().ceil()).long().clamp(max=w)
@@ -102,7 +104,7 @@ class LambdaTable:
         span = self.span.index_select(0, slots)
         at = span[:, 2] + below.index_select(0, span[:, 1]) - below.index_select(0, span[:, 0])
         picks = self.pick.index_select(0, at)
-        pick = torch.where(expensive, picks[:, 1], picks[:, 0])
+        pick = torch.where(expensive, picks[:, 1], picks[:, 0]).long()
         safe = self.safe.index_select(0, at)
         sure = (safe[:, 0] < lam) & (lam < safe[:, 1])
         if not stable:
@@ -180,6 +182,6 @@ def _build_block(
     safe_hi = torch.minimum(torch.cat([shrunk_hi, torch.full((b, 1), inf, dtype=torch.float64)], 1), flat_from)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), count.cumsum(0)])
     return LambdaTable(
-        breaks=ends[keep_break], offsets=offsets, pick=torch.stack([cheap, dear], 2)[keep_interval],
+        breaks=ends[keep_break], offsets=offsets, pick=torch.stack([cheap, dear], 2)[keep_interval].to(torch.int16),
         safe=torch.stack([safe_lo, safe_hi], 2)[keep_interval],
     )
