@@ -67,12 +67,12 @@ def peak_rss_mib() -> tuple[float, float]:
     return own, children
 
 
-def one_size(n: int, workers: int) -> dict:
+def one_size(n: int, workers: int, budgets: int = 20, test_size: int = 1000) -> dict:
     """Calibrate every method on a synthetic table of n queries; wall time and peak memory."""
     torch.set_num_threads(1)
-    train, test = synthetic_table(n, seed=0), synthetic_table(1000, seed=1)
+    train, test = synthetic_table(n, seed=0), synthetic_table(test_size, seed=1)
     estimator = NoisyEstimator("low", seed=0).fit(train)
-    config = EvaluationConfig(max_depth=3, n_budgets=20, n_bootstrap=100, workers=workers)
+    config = EvaluationConfig(max_depth=3, n_budgets=budgets, n_bootstrap=100, workers=workers)
     start = time.perf_counter()
     evaluate(train, test, estimator, config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - start
@@ -80,11 +80,12 @@ def one_size(n: int, workers: int) -> dict:
     return {"queries": n, "seconds": seconds, "peak_mib": own, "worker_peak_mib": children}
 
 
-def scaling(sizes: list[int], workers: int) -> None:
+def scaling(sizes: list[int], workers: int, budgets: int, test_size: int) -> None:
     rows = []
     for n in sizes:
         out = subprocess.run(
-            [sys.executable, __file__, "one", "--size", str(n), "--workers", str(workers)],
+            [sys.executable, __file__, "one", "--size", str(n), "--workers", str(workers), "--budgets", str(budgets),
+             "--test-size", str(test_size)],
             check=True, stdout=subprocess.PIPE, text=True,
         ).stdout
         row = json.loads(out.strip().splitlines()[-1])
@@ -117,13 +118,15 @@ def main() -> None:
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--budgets", type=int, default=20, help="budgets per method (scaling)")
+    p.add_argument("--test-size", type=int, default=1000, help="queries of the synthetic test table (scaling)")
     args = p.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, workers {args.workers}",
           file=sys.stderr)
     if args.what == "one":
-        print(json.dumps(one_size(args.size, args.workers)))
+        print(json.dumps(one_size(args.size, args.workers, args.budgets, args.test_size)))
     elif args.what == "scaling":
-        scaling([int(x) for x in args.sizes.split(",")], args.workers)
+        scaling([int(x) for x in args.sizes.split(",")], args.workers, args.budgets, args.test_size)
     else:
         tables(args.workers, args.repeats)
 

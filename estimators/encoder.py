@@ -74,6 +74,7 @@ class EncoderConfig:
     batch_size: int = 64
     normalize: bool = True
     lora: LoraSettings | None = None
+    quantize: str | None = None  # "int8": dynamic int8 quantization of the Linear layers, for faster CPU inference
 
 
 class TextEncoder(torch.nn.Module):
@@ -98,6 +99,12 @@ class TextEncoder(torch.nn.Module):
         self.lora: LoraSettings | None = None
         if self.config.lora is not None:
             self.enable_lora(self.config.lora)
+        if self.config.quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be 'int8' or None (float), got {self.config.quantize!r}")
+        if self.config.quantize == "int8":
+            if self.lora is not None:
+                raise ValueError("quantize 'int8' serves a frozen encoder: a LoRA encoder keeps its float weights")
+            self.model = _quantize_int8(self.model)
         self.eval()  # like from_pretrained: dropout off until the caller trains
 
     @property
@@ -153,7 +160,7 @@ class TextEncoder(torch.nn.Module):
 
     def identity(self) -> dict:
         """What the embeddings depend on: model id and revision (hub commit or hash of the model files),
-        truncation, normalization, and for LoRA encoders a hash of the adapter settings and weights."""
+        truncation, normalization, quantization, and for LoRA encoders a hash of the adapter settings and weights."""
         identity = {
             "name_or_path": str(self.config.name_or_path),
             "revision": self._revision,
@@ -161,6 +168,8 @@ class TextEncoder(torch.nn.Module):
             "normalize": self.config.normalize,
             "lora": self.lora is not None,
         }
+        if self.config.quantize is not None:
+            identity["quantize"] = self.config.quantize
         if self.lora is not None:
             settings = asdict(self.lora) | {"target_modules": self.lora.modules()}
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -174,6 +183,8 @@ class TextEncoder(torch.nn.Module):
         """Wrap the transformer with LoRA adapters; afterwards only the adapter weights are trainable."""
         if self.lora is not None:
             raise ValueError("LoRA is already enabled on this encoder")
+        if self.config.quantize is not None:
+            raise ValueError(f"LoRA needs the float encoder; this one is quantized ({self.config.quantize})")
         config = LoraConfig(
             r=settings.r,
             lora_alpha=settings.alpha,
@@ -321,6 +332,18 @@ class ShardedEmbedder:
 def cached(encoder: Embedder, directory: str | os.PathLike | None, progress: bool = True) -> Embedder:
     """`encoder` behind an on-disk embedding cache in `directory`; `encoder` itself when it is None/empty."""
     return CachedEmbedder(encoder, directory, progress) if directory else encoder
+
+
+def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its Linear layers dynamically int8-quantized (torch.ao; torch marks it deprecated in
+    favour of torchao, so its warnings are silenced here and its absence is a clear error)."""
+    quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        raise ValueError(f"quantize 'int8' needs torch.ao.quantization.quantize_dynamic, absent from torch {torch.__version__}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _load(name_or_path: str, revision: str | None) -> tuple[object, torch.nn.Module, Path, str | None]:

@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default="noisy", choices=ESTIMATORS, help="quality estimator (default noisy)")
     p.add_argument("--noise", default="low", choices=["low", "medium", "high"], help="noise level of --estimator noisy")
     p.add_argument("--checkpoint", help="--estimator learned: a trained export (checkpoints/<run>) instead of training")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="knn, learned: the text encoder dynamically int8-quantized (CPU), e.g. to score its effect")
     p.add_argument("--config", help="knn, learned: YAML recipe whose `estimator` section (encoder, network) to use")
     p.add_argument("--encoder", help="text encoder (local folder or hub id) for knn and learned; default all-MiniLM-L6-v2")
     p.add_argument("--folds", type=int, default=5,
@@ -312,7 +314,7 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Qualit
         estimator = NoisyEstimator(args.noise, seed=args.seed).fit(train)
         return estimator, estimator
     if args.estimator == "learned" and args.checkpoint:
-        estimator = LearnedEstimator.load(args.checkpoint)
+        estimator = LearnedEstimator.load(args.checkpoint, quantize=args.quantize)
         return estimator, estimator
     if args.estimator == "logreg":
         build = lambda: LogRegEstimator(max_depth=args.max_depth, seed=args.seed)  # noqa: E731
@@ -325,6 +327,7 @@ def build_estimator(args, train: RoutingTable) -> tuple[QualityEstimator, Qualit
             config = LearnedConfig()
         if args.encoder:
             config.encoder.name_or_path = args.encoder
+        config.encoder.quantize = args.quantize
         if args.estimator == "knn":
             embedder = cached(MemoEmbedder(TextEncoder(config.encoder)), config.embedding_cache)  # each query once
             build = lambda: KNNEstimator(embedder, seed=args.seed)  # noqa: E731
@@ -356,6 +359,8 @@ def check_args(args) -> tuple[tuple[str, ...], tuple[float, ...]]:
         raise ValueError(f"--min-spend is a share of the budget in [0, 1], got {args.min_spend}")
     if args.checkpoint and args.estimator != "learned":
         raise ValueError("--checkpoint needs --estimator learned")
+    if args.quantize and args.estimator not in ("knn", "learned"):
+        raise ValueError("--quantize applies to the text encoder of --estimator knn or learned")
     if args.folds < 2:
         raise ValueError(f"--folds must be at least 2, got {args.folds}")
     if args.workers < 1:

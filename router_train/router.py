@@ -91,11 +91,13 @@ class CascadeRouter:
         mode: str = "cascade_routing",
         seed: int | None = None,
         cache_size: int = 100_000,
+        quantize: str | None = None,
     ) -> "CascadeRouter":
         """Load an export (`checkpoints/<run>`); fails at once on missing or changed files (their SHA-256 in
-        the manifest), wrong shapes or versions."""
+        the manifest), wrong shapes or versions. `quantize="int8"`: a dynamically int8-quantized encoder
+        (CPU only), faster on new queries (docs/benchmarks.md gives its speed and AUC)."""
         manifest = read_manifest(path)
-        estimator = LearnedEstimator.load(path, device=device)
+        estimator = LearnedEstimator.load(path, device=device, quantize=quantize)
         if estimator.models != list(manifest["models"]):
             raise ValueError(f"{path}: estimator.json and manifest.json list different models; export it again")
         router = cls(estimator, manifest, budget=budget, mode=mode, device=device, seed=seed, cache_size=cache_size)

@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, help="default budget (USD per query); default: mid-range")
     p.add_argument("--mode", default="cascade_routing", choices=SERVING_MODES)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quantize", choices=["int8"], help="int8: a dynamically quantized encoder, faster on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when sharing the CPU)")
     p.add_argument("--model-id", help="the router's model id in /v1 (default: router-train/<checkpoint name>)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a request may wait for others to batch with")
@@ -324,7 +325,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with user_errors(args.debug):
-        router = CascadeRouter.load(args.checkpoint, device=args.device, budget=args.budget, mode=args.mode)
+        router = CascadeRouter.load(
+            args.checkpoint, device=args.device, budget=args.budget, mode=args.mode, quantize=args.quantize
+        )
         backends = load_backends(args.backends, router.models) if args.backends else None
         app = make_app(router, backends, model_id=args.model_id, max_wait=args.max_wait_ms / 1000,
                        max_queries=args.max_queries, max_body=int(args.max_body_mb * 2**20))

@@ -209,3 +209,21 @@ def test_kernel_benchmark_exits_0_and_prints_the_ratio_last():
     assert "identical next models for all 3 runs" in lines[-2]
     name, value = lines[-1].split(": ")
     assert name == "speedup_vs_reference_algorithm" and float(value) > 0
+
+
+def test_calibration_benchmark_runs_a_size_in_a_process_of_its_own(tmp_path):
+    """benchmarks/calibration.py: the synthetic table has rising costs and qualities; one size reports its
+    time and peak memory as JSON, last."""
+    import calibration
+
+    table = calibration.synthetic_table(3000, seed=0)
+    assert (table.n, table.k) == (3000, 9)
+    costs, qualities = table.cost.mean(0), table.quality.mean(0)
+    assert bool((costs[1:] > costs[:-1]).all()) and float(qualities[-1]) > float(qualities[0])
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "calibration.py"), "one", "--size", "300", "--workers", "1", "--budgets", "3",
+         "--test-size", "100"],
+        check=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["queries"] == 300 and row["seconds"] > 0 and row["peak_mib"] > 0

@@ -259,3 +259,19 @@ def test_default_encoder_loads_offline_and_embeds_meaning(monkeypatch: pytest.Mo
     assert query.shape == (384,)
     assert torch.allclose(torch.stack([query, paraphrase, unrelated]).norm(dim=1), torch.ones(3), atol=1e-5)
     assert query @ paraphrase > query @ unrelated + 0.3
+
+
+def test_int8_encoder_is_quantized_keyed_apart_and_close_to_float(tiny_dir: Path) -> None:
+    texts = ["a short query", "another, somewhat longer query about cats and dogs", "x"]
+    float_encoder, int8_encoder = tiny(tiny_dir), tiny(tiny_dir, quantize="int8")
+    assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in int8_encoder.modules())
+    assert int8_encoder.identity() == float_encoder.identity() | {"quantize": "int8"}  # never served from a float cache
+    a, b = float_encoder.encode(texts), int8_encoder.encode(texts)
+    assert b.shape == a.shape and not torch.equal(a, b)
+    assert F.cosine_similarity(a, b).min() > 0.95
+    with pytest.raises(ValueError, match="quantize must be 'int8' or None"):
+        tiny(tiny_dir, quantize="int4")
+    with pytest.raises(ValueError, match="LoRA"):
+        tiny(tiny_dir, quantize="int8", lora=LoraSettings())
+    with pytest.raises(ValueError, match="LoRA needs the float encoder"):
+        int8_encoder.enable_lora(LoraSettings())

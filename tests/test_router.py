@@ -239,3 +239,13 @@ def test_embedding_cache_is_bounded_and_reused(export):
     assert calls == [["a cat", "a dog"], ["a bird", "the sun", "the moon"]]
     assert len(small._cache) == 3
     assert torch.is_tensor(next(iter(small._cache.values())))
+
+
+def test_an_int8_encoder_routes_like_the_float_one(export, router):
+    """`quantize="int8"` (CPU only): the same kind of decisions from slightly different embeddings."""
+    quantized = CascadeRouter.load(export, budget=router.budget, quantize="int8")
+    queries = [f"what is {i} plus {i}" for i in range(40)]
+    a, b = router.route_batch(queries), quantized.route_batch(queries)
+    assert sum(d.next_model == e.next_model for d, e in zip(a, b)) >= 30
+    with pytest.raises(ValueError, match="for CPU inference"):
+        CascadeRouter.load(export, device="cuda", quantize="int8")
