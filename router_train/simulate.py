@@ -44,6 +44,35 @@ class Outcome:
         return float(self.quality.mean())
 
 
+class _Rows:
+    """A tensor that grows by rows into spare capacity (doubling), so appending is amortized in the new
+    rows rather than a copy of everything so far; 2-D rows are padded to the widest seen (`_pad_to`)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.size = 0
+
+    def append(self, value: torch.Tensor) -> None:
+        m = value.shape[0]
+        if self.buffer is None:
+            self.buffer = torch.empty((max(2 * m, 64),) + tuple(value.shape[1:]), dtype=value.dtype)
+        if value.dim() == 2 and value.shape[1] != self.buffer.shape[1]:
+            width = max(value.shape[1], self.buffer.shape[1])
+            value, self.buffer = _pad_to(value, width), _pad_to(self.buffer, width)
+        if self.size + m > self.buffer.shape[0]:
+            grown = torch.empty((max(2 * self.buffer.shape[0], self.size + m),) + tuple(self.buffer.shape[1:]),
+                                dtype=self.buffer.dtype)
+            grown[: self.size] = self.buffer[: self.size]
+            self.buffer = grown
+        self.buffer[self.size : self.size + m] = value
+        self.size += m
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The rows appended so far (a view: writes go to the buffer)."""
+        return self.buffer[: self.size]
+
+
 class _StateStore:
     """Tensors cached per state (row, run set) for one step t, found by a sorted key lookup and, from
     a state of the previous step, by a pointer per next model."""
@@ -58,8 +87,8 @@ class _StateStore:
         self.compute = compute  # (rows, run) -> dict of per-state tensors
         self.keys = torch.empty(0, dtype=torch.long)
         self.slots = torch.empty(0, dtype=torch.long)
-        self.data: dict[str, torch.Tensor] = {}
-        self.child = torch.empty(0, k, dtype=torch.long)  # slot in the next step's store after running model m; -1: not looked up
+        self.rows: dict[str, _Rows] = {}  # per-state tensors by name
+        self.children = _Rows()  # slot in the next step's store after running model m; -1: not looked up
         self.root: torch.Tensor | None = None  # slots of (row, no model run) for every row, at t = 0
         self.table = None  # the SubsetTable of cached candidates
         self.lambdas: LambdaTable | None = None  # `choose` as a function of λ for the cached candidates
@@ -89,15 +118,21 @@ class _StateStore:
             slots = self.find(keys)
         return slots
 
+    @property
+    def data(self) -> dict[str, torch.Tensor]:
+        """Per-state tensors by name, rows in slot order."""
+        return {name: rows.data for name, rows in self.rows.items()}
+
+    @property
+    def child(self) -> torch.Tensor:
+        """(S, k) slot of each state's successor per next model in the next step's store (-1: unknown)."""
+        return self.children.data
+
     def add(self, keys: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
         start = self.keys.numel()
         for name, value in data.items():
-            old = self.data.get(name)
-            if old is not None and value.dim() == 2:
-                width = max(old.shape[1], value.shape[1])
-                old, value = _pad_to(old, width), _pad_to(value, width)
-            self.data[name] = value if old is None else torch.cat([old, value])
-        self.child = torch.cat([self.child, torch.full((keys.numel(), self.k), -1, dtype=torch.long)])
+            self.rows.setdefault(name, _Rows()).append(value)
+        self.children.append(torch.full((keys.numel(), self.k), -1, dtype=torch.long))
         keys_all = torch.cat([self.keys, keys])
         slots_all = torch.cat([self.slots, torch.arange(start, start + keys.numel())])
         order = keys_all.argsort()
