@@ -3,8 +3,9 @@
 Every query starts with no model run; at each step the kernel picks the next model (or stop) for all
 active queries at once, the picked model's real output is "observed" from the table, and the next
 step follows. The estimates and the candidate supermodels of each visited state (query, run set) do
-not depend on λ, so they are computed once, pruned to those some λ >= 0 can select, and cached:
-calibration then evaluates hundreds of strategies at the cost of a few small argmaxes each.
+not depend on λ, so they are computed once, pruned to those some λ >= 0 can select, and cached with
+their decision as a function of λ (`kernel.lambda_table`) and a pointer to each successor state:
+calibration then evaluates hundreds of strategies at the cost of a few table reads per step each.
 """
 
 from __future__ import annotations
@@ -252,16 +253,6 @@ class Simulator:
         if strategy.mode == "threshold_cascade" or t >= min(strategy.max_depth, self.k):
             return self._estimate_store(t)
         return self._candidate_store(strategy, t)
-
-    def estimates(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
-        """Estimated qualities (B, k) at each state, cached."""
-        store = self._estimate_store(int(run[0].sum()) if rows.numel() else 0)
-        return store.data["quality"][store.lookup(rows, run)]
-
-    def candidates(self, rows: torch.Tensor, run: torch.Tensor, strategy: Strategy) -> Candidates:
-        """Pruned candidate supermodels at each state for the strategy's structure, cached."""
-        store = self._candidate_store(strategy, int(run[0].sum()))
-        return _stored_candidates(store, store.lookup(rows, run))
 
     def _next_models(
         self, store: _StateStore, slots: torch.Tensor, lam: float, expensive: torch.Tensor, track: bool
