@@ -18,7 +18,7 @@ import torch
 from estimators.base import Features, QualityEstimator
 
 from .kernel import Candidates, KernelConfig, answer_models, choose, factorize, step_candidates
-from .kernel.decide import chunk_rows, scaled_cov, threshold_step
+from .kernel.decide import chunk_rows, scaled_cov, threshold_go
 from .kernel.lambda_table import LambdaTable
 from .kernel.prune import prune
 from .strategy import Strategy
@@ -260,7 +260,8 @@ class Simulator:
         """Next model (-1: stop) of each state at λ, from the λ table (rows whose λ is within rounding
         distance of a breakpoint are decided by `choose`), and, if `track`, the range of λ keeping every decision."""
         pick, sure, stable = store.lambdas.lookup(slots, lam, expensive, stable=track)
-        nxt = store.data["next"].view(-1).index_select(0, slots * store.data["next"].shape[1] + pick)
+        per_column = store.rows["next"].data
+        nxt = per_column.view(-1).index_select(0, slots * per_column.shape[1] + pick)
         unsure = (~sure).nonzero().squeeze(1)
         if unsure.numel():
             cands = _stored_candidates(store, slots[unsure])
@@ -292,13 +293,11 @@ class Simulator:
         expensive = torch.as_tensor(expensive, dtype=torch.bool).expand(n)
         if strategy.mode in PREFIX_MODES:
             return self._run_prefix(strategy, expensive, track)
-        threshold = strategy.mode == "threshold_cascade"
         run = torch.zeros(n, k, dtype=torch.bool)
         active = torch.arange(n)
         answer = torch.full((n,), -1, dtype=torch.long)
         depth = min(strategy.max_depth, k)
-        inf = float("inf")
-        stable = [(-inf, inf)] * len(strategy.thresholds if threshold else strategy.lambdas)
+        stable = [(-float("inf"), float("inf"))] * len(strategy.lambdas)
         store = self._step_store(strategy, 0)
         if store.root is None:
             store.root = store.lookup(active, run)
@@ -306,20 +305,14 @@ class Simulator:
         for t in range(depth + 1):
             if active.numel() == 0:
                 break
-            if t == depth:  # every query stops: the last model run answers, or the best estimated one
-                answer[active] = t - 1 if threshold else store.data["answer"].index_select(0, slots)
+            if t == depth:  # every query stops: the best estimated model run answers
+                answer[active] = store.data["answer"].index_select(0, slots)
                 break
             dear = expensive.index_select(0, active)
-            if threshold:
-                quality = store.data["quality"].index_select(0, slots) if t > 0 else torch.zeros(active.numel(), k)
-                nxt = threshold_step(quality, t, strategy, dear, self.kernel.tie_tol)
-                if t > 0 and track:
-                    stable[t - 1] = _threshold_range(quality[:, t - 1], strategy.thresholds[t - 1], self.kernel.tie_tol)
-            else:
-                nxt, stable[t] = self._next_models(store, slots, strategy.lambdas[t], dear, track)
+            nxt, stable[t] = self._next_models(store, slots, strategy.lambdas[t], dear, track)
             stop = nxt < 0
             if stop.any():
-                answer[active[stop]] = t - 1 if threshold else store.data["answer"][slots[stop]]
+                answer[active[stop]] = store.data["answer"][slots[stop]]
                 go = (~stop).nonzero().squeeze(1)
                 active, slots, nxt = active[go], slots[go], nxt[go]
             run[active, nxt] = True
@@ -387,11 +380,9 @@ class Simulator:
                 if t == 0:
                     continue  # the first model always runs
                 quality = states.quality[t - 1].index_select(0, active)
-                gap = quality - (1.0 - strategy.thresholds[t - 1])
-                tol = self.kernel.tie_tol
-                go = (gap < -tol) | ((gap.abs() <= tol) & dear)
+                go = threshold_go(quality, strategy.thresholds[t - 1], dear, self.kernel.tie_tol)
                 if track:
-                    stable[t - 1] = _threshold_range(quality, strategy.thresholds[t - 1], tol)
+                    stable[t - 1] = _threshold_range(quality, strategy.thresholds[t - 1], self.kernel.tie_tol)
             else:
                 flags, sure, rng = states.tables[t].lookup(active, strategy.lambdas[t], dear, stable=track)
                 unsure = (~sure).nonzero().squeeze(1)
@@ -424,7 +415,7 @@ class Simulator:
 
 
 def _threshold_range(quality: torch.Tensor, theta: float, tie_tol: float) -> tuple[float, float]:
-    """Open range of θ around `theta` in which `threshold_step` decides every row as at `theta`: it
+    """Open range of θ around `theta` in which `threshold_go` decides every row as at `theta`: it
     changes where q̂ - (1 - θ) crosses ±tie_tol (with a margin for rounding)."""
     inf = float("inf")
     if quality.numel() == 0:

@@ -216,6 +216,12 @@ def threshold_step(
     b = quality.shape[0]
     if t == 0:
         return torch.zeros(b, dtype=torch.long, device=quality.device)
-    gap = quality[:, t - 1].to(torch.float64) - (1.0 - strategy.thresholds[t - 1])
-    go = (gap < -tie_tol) | ((gap.abs() <= tie_tol) & expensive)
+    go = threshold_go(quality[:, t - 1], strategy.thresholds[t - 1], expensive, tie_tol)
     return torch.where(go, t, -1)
+
+
+def threshold_go(estimate: torch.Tensor, theta: float, expensive: torch.Tensor, tie_tol: float = TIE_TOL) -> torch.Tensor:
+    """Whether the thresholding cascade goes on after a model whose post-hoc estimate is `estimate`:
+    q̂ < 1 - θ, a tie within `tie_tol` going on only where `expensive`."""
+    gap = estimate.to(torch.float64) - (1.0 - theta)
+    return (gap < -tie_tol) | ((gap.abs() <= tie_tol) & expensive)
