@@ -96,14 +96,12 @@ class TextEncoder(torch.nn.Module):
                 f"max_length {self.config.max_length} exceeds the {positions} positions of "
                 f"{self.config.name_or_path!r}; set EncoderConfig.max_length <= {positions}"
             )
+        if self.config.quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be 'int8' or None (float), got {self.config.quantize!r}")
         self.lora: LoraSettings | None = None
         if self.config.lora is not None:
             self.enable_lora(self.config.lora)
-        if self.config.quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be 'int8' or None (float), got {self.config.quantize!r}")
-        if self.config.quantize == "int8":
-            if self.lora is not None:
-                raise ValueError("quantize 'int8' serves a frozen encoder: a LoRA encoder keeps its float weights")
+        if self.config.quantize == "int8":  # (with `config.lora`, enable_lora above has refused already)
             self.model = _quantize_int8(self.model)
         self.eval()  # like from_pretrained: dropout off until the caller trains
 

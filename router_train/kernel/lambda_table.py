@@ -73,13 +73,10 @@ class LambdaTable:
 
     def reorder(self, order: torch.Tensor) -> "LambdaTable":
         """The table whose state i is this table's state `order[i]`."""
-        start, count = self.offsets[order], self.offsets[order + 1] - self.offsets[order]
+        span = self.span[order]  # start and end of the breakpoints, first interval
+        count = span[:, 1] - span[:, 0]
+        flat, flat_i = _segments(span[:, 0], count), _segments(span[:, 2], count + 1)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), count.cumsum(0)])
-        within = torch.arange(int(offsets[-1])) - torch.repeat_interleave(offsets[:-1], count)
-        flat = torch.repeat_interleave(start, count) + within
-        intervals = count + 1
-        within_i = torch.arange(int(intervals.sum())) - torch.repeat_interleave(offsets[:-1] + torch.arange(order.numel()), intervals)
-        flat_i = torch.repeat_interleave(start + order, intervals) + within_i
         return LambdaTable(breaks=self.breaks[flat], offsets=offsets, pick=self.pick[flat_i], safe=self.safe[flat_i])
 
     @staticmethod
@@ -114,6 +111,13 @@ class LambdaTable:
         if not bool(sure.all()):
             return pick, sure, (lam, lam)
         return pick, sure, (float(safe[:, 0].max()), float(safe[:, 1].min()))
+
+
+def _segments(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The flat indices of consecutive segments `starts[i] .. starts[i] + counts[i] - 1`, concatenated."""
+    ends = counts.cumsum(0)
+    within = torch.arange(int(ends[-1]) if ends.numel() else 0) - torch.repeat_interleave(ends - counts, counts)
+    return torch.repeat_interleave(starts, counts) + within
 
 
 def _build_block(
