@@ -244,6 +244,8 @@ class EmbeddingCache:
                 embeddings = load_file(path)["embeddings"]
                 if embeddings.dim() != 2 or embeddings.shape[0] != len(texts):
                     raise ValueError(f"shape {tuple(embeddings.shape)}, expected ({len(texts)}, d)")
+                if isinstance(encoder, MemoEmbedder):  # a later subset of these texts (a fold) needs no encoding
+                    encoder.remember(texts, embeddings)
                 return embeddings
             except (OSError, KeyError, ValueError, SafetensorError) as err:
                 warnings.warn(f"embedding cache file {path} is unreadable ({err!r}); recomputing it", stacklevel=2)
@@ -300,6 +302,10 @@ class MemoEmbedder:
             fresh = self.encoder.encode(new, progress=True) if progress else self.encoder.encode(new)
             self.memory.update(zip(new, fresh.detach().to("cpu", torch.float32)))
         return torch.stack([self.memory[t] for t in texts])
+
+    def remember(self, texts: list[str], embeddings: torch.Tensor) -> None:
+        """Keep embeddings computed elsewhere (e.g. read from the on-disk cache) for these texts."""
+        self.memory.update(zip(texts, embeddings.detach().to("cpu", torch.float32)))
 
     def identity(self) -> dict:
         return self.encoder.identity()

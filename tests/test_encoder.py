@@ -155,6 +155,17 @@ def test_memo_embeds_each_text_once_across_subsets_and_orders(tiny_dir: Path, tm
     assert memo.encode([]).shape == (0, encoder.dim) and memo.identity() == encoder.identity()
 
 
+def test_memo_remembers_embeddings_read_from_the_disk_cache(tiny_dir: Path, tmp_path: Path) -> None:
+    # cross-fitting: the final estimator's texts hit the disk cache, then each fold asks for a subset of them
+    encoder = tiny(tiny_dir)
+    expected = cached(MemoEmbedder(encoder), tmp_path, progress=False).encode(TEXTS)  # writes the cache file
+    counting = CountingEmbedder(encoder)
+    memo = MemoEmbedder(counting)
+    assert torch.equal(cached(memo, tmp_path, progress=False).encode(TEXTS), expected)  # read from disk
+    assert counting.calls == 0
+    assert torch.equal(memo.encode(TEXTS[2:5]), expected[2:5]) and counting.calls == 0
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
