@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "from router_train.kernel import fused; fused.available()"  # compile the fused kernel once (warns if no C compiler)
 	touch $@
 
 install: $(VENV)/.installed

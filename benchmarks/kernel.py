@@ -10,7 +10,9 @@ first step (no model run yet, so every one of the 1,023 capped supermodels is a 
   Lemma-1 pruning, expected max) in numpy float64, on the first `--subset` queries;
 - numpy per query: `numpy_per_query.py`, every candidate of one query at once, same subset;
 - kernel: `router_train.kernel.decide` (default config, float32) on the whole batch, on CPU and, when
-  CUDA is present, on the GPU.
+  CUDA is present, on the GPU. On CPU the default is the fused C kernel (`router_train/kernel/fused.py`);
+  the torch backend it replaces (`zeta` or `levels`, whichever `auto` picks without it) runs too, and
+  its decisions on the whole batch must equal the fused kernel's.
 
 All share the kernel's samples, candidate order and tie rule (best `E[max] - λ cost`, ties within
 `TIE_TOL` to the cheapest, then the first listed), so their decisions must be identical: the script
@@ -39,7 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy_per_query  # noqa: E402
 import reference_port  # noqa: E402
 
-from router_train.kernel import KernelConfig, decide  # noqa: E402
+from router_train.kernel import KernelConfig, decide, subset_table  # noqa: E402
+from router_train.kernel.expected_max import choose_method  # noqa: E402
+from router_train.kernel.fused import available as fused_available  # noqa: E402
 from router_train.strategy import Strategy  # noqa: E402
 
 
@@ -112,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     quality, cost, cov = workload(args.queries, args.models, seed=0)
     strategy = Strategy("cascade_routing", args.depth, lambdas=[args.lam] * args.depth)
     config = KernelConfig(n_samples=args.samples)
+    torch_config = KernelConfig(
+        n_samples=args.samples, method=choose_method(args.models, args.samples, subset_table(args.models, args.depth))
+    )
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load average {load}")
+    print(f"kernel: {'fused C kernel' if fused_available() else 'torch backends (no C compiler)'}; "
+          f"torch backend for comparison: {torch_config.method}")
     print(f"workload: {args.queries} queries, k={args.models}, depth {args.depth}, {args.samples} samples, "
           f"diagonal Σ, λ={args.lam:g}; per-query contenders on the first {args.subset}; best of {args.repeats}")
 
@@ -135,7 +144,17 @@ def main(argv: list[str] | None = None) -> int:
                 times[name] = seconds / s
                 print(f"{name}, {n_threads} thread(s): {times[name] * 1e3:.3f} ms/decision")
             seconds, out = best_time(kernel_pass(quality, cost, cov, strategy, config, "cpu"), args.repeats)
+            torch_seconds, torch_out = best_time(
+                kernel_pass(quality, cost, cov, strategy, torch_config, "cpu"), args.repeats
+            )
         decisions[f"kernel cpu, {n_threads} thread(s)"] = out[:s]
+        whole = np.flatnonzero(out != torch_out)
+        if whole.size:
+            print(f"DECISIONS DIFFER: kernel vs torch backend on {whole.size} of {args.queries} queries, e.g. "
+                  f"{whole[:10].tolist()}", file=sys.stderr)
+            return 1
+        print(f"torch backend ({torch_config.method}), {n_threads} thread(s): "
+              f"{torch_seconds / args.queries * 1e6:.1f} us/decision; identical decisions on all {args.queries} queries")
         kernel = seconds / args.queries
         ratio = times["reference algorithm (port)"] / kernel
         print(f"kernel cpu, {n_threads} thread(s): {seconds * 1e3:.1f} ms for {args.queries} queries = "

@@ -71,7 +71,7 @@ def decision_cases(draw, modes=("routing", "cascade", "cascade_routing", "thresh
         force_order=draw(st.booleans()) if mode == "cascade_routing" else False,
     )
     expensive = np.array(draw(st.lists(st.booleans(), min_size=b, max_size=b)))
-    method = draw(st.sampled_from(["levels", "zeta"]))
+    method = draw(st.sampled_from(["levels", "zeta", "auto"]))  # auto: the fused C kernel where it compiled
     return quality, cost, runs, cov, strategy, expensive, method
 
 

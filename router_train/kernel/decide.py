@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from ..strategy import Strategy
-from .candidates import TIE_TOL, Candidates, build_candidates, choose
-from .expected_max import ZETA_MAX_MODELS
+from . import fused
+from .candidates import COST_RTOL, TIE_TOL, Candidates, build_candidates, choose
+from .expected_max import ZETA_MAX_MODELS, sample_qualities
 from .sobol import normal_samples
-from .subsets import count_subsets
+from .subsets import count_subsets, subset_table
 
 CHOLESKY_EPS = 1e-9
 """Jitter added to Σ's diagonal before its Cholesky factorization (Σ is ~0 for models already run)."""
@@ -22,10 +23,19 @@ class KernelConfig:
 
     n_samples: int = 100
     seed: int = 0
-    method: str = "auto"  # auto | zeta | levels
+    method: str = "auto"  # auto (fused on CPU where it compiled, else the cheaper of zeta/levels) | fused | zeta | levels
     dtype: torch.dtype = torch.float32
     chunk_size: int = 256
     tie_tol: float = TIE_TOL
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", "fused", "zeta", "levels"):
+            raise ValueError(f"KernelConfig.method must be 'auto', 'fused', 'zeta' or 'levels', got {self.method!r}")
+
+    @property
+    def torch_method(self) -> str:
+        """The torch backend for candidates the fused kernel does not compute (it matches `levels`)."""
+        return "levels" if self.method == "fused" else self.method
 
 
 @dataclass
@@ -140,7 +150,7 @@ def step_candidates(
         max_depth=min(strategy.max_depth, k),
         prefix_only=strategy.mode == "cascade",
         force_order=strategy.force_order,
-        method=config.method,
+        method=config.torch_method,
     )
 
 
@@ -185,11 +195,18 @@ def decide(
     t_all = run.sum(1)
     next_model = torch.full((b,), -1, dtype=torch.long, device=device)
     supermodel = run_masks(run)
+    use_fused = fused_applies(strategy, config, device)
     for t in range(min(strategy.max_depth, k)):
         group = (t_all == t).nonzero().squeeze(1)
-        chunk = chunk_rows(k, t, strategy, config)
+        chunk = max(1, CHUNK_ELEMENTS // (config.n_samples * k)) if use_fused else chunk_rows(k, t, strategy, config)
         for start in range(0, group.numel(), chunk):
             rows = group[start : start + chunk]
+            if use_fused:
+                next_model[rows], supermodel[rows] = fused_step(
+                    quality[rows], None if factor is None else factor[rows], cost[rows], run[rows], t,
+                    strategy, expensive[rows], config,
+                )
+                continue
             if strategy.mode == "threshold_cascade":
                 step = threshold_step(quality[rows], t, strategy, expensive[rows], config.tie_tol)
                 next_model[rows] = step
@@ -207,6 +224,42 @@ def decide(
     else:
         answer = answer_models(quality, run)
     return StepDecision(next_model, answer, supermodel)
+
+
+def fused_applies(strategy: Strategy, config: KernelConfig, device: torch.device) -> bool:
+    """Whether `decide` takes the fused C kernel: asked for (`fused`), or `auto` on CPU where it compiled.
+    The cascades keep their own (prefix and threshold) paths."""
+    if strategy.mode in ("cascade", "threshold_cascade") or config.method in ("zeta", "levels"):
+        return False
+    if config.method == "fused":
+        if device.type != "cpu":
+            raise ValueError(f"KernelConfig.method 'fused' runs on CPU only, the inputs are on {device}; use 'auto'")
+        if not fused.available():
+            raise ValueError("KernelConfig.method 'fused' needs a working C compiler (set CC); use 'auto' to fall back")
+        return True
+    return device.type == "cpu" and config.dtype in (torch.float32, torch.float64) and fused.available()
+
+
+def fused_step(
+    quality: torch.Tensor,
+    factor: torch.Tensor | None,
+    cost: torch.Tensor,
+    run: torch.Tensor,
+    t: int,
+    strategy: Strategy,
+    expensive: torch.Tensor,
+    config: KernelConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next model, supermodel) of rows with t models run, by the fused kernel (see `fused.py`)."""
+    k = quality.shape[1]
+    estimate = quality.to(config.dtype)
+    z = normal_samples(config.n_samples, k, config.seed, dtype=config.dtype, device=quality.device)
+    x = sample_qualities(estimate, factor, z)
+    lam = torch.full((quality.shape[0],), float(strategy.lambdas[t]), dtype=torch.float64)
+    return fused.decide_rows(
+        x, None if factor is None else estimate, cost, run, subset_table(k - t, min(strategy.max_depth, k) - t),
+        lam, expensive, force_order=strategy.force_order, tie_tol=config.tie_tol, cost_rtol=COST_RTOL,
+    )
 
 
 def threshold_step(

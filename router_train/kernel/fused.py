@@ -1,0 +1,193 @@
+"""The fused CPU kernel: expected max, cost and choice of every candidate in one C pass per query.
+
+The torch backends materialize a `(queries, candidates, samples)` tensor and then reduce it; at k = 11,
+depth 5 and 100 samples that is 100k values per query, so their time goes to memory traffic and to the
+dozen torch operations between. Here one small C function (`fused_body.h`) walks each query's
+candidates depth first, keeping one running-max vector per subset size (a few KiB, in L1), and returns
+the chosen supermodel directly. Same candidates, recurrences and tie rule as `build_candidates` +
+`choose` with the `levels` backend, so the decisions are those of the torch path up to float rounding
+of the sample means (the same rounding the `zeta` and `levels` backends differ by).
+
+The C source is compiled once per machine with the system C compiler (`$CC`, else `cc`) into a cache
+folder (`$ROUTER_TRAIN_CACHE`, else `~/.cache/router-train`) and loaded with ctypes; ctypes releases
+the GIL, so rows are split over `torch.get_num_threads()` threads. Where no compiler works, `available()`
+is False and the kernel's `auto` method keeps the torch backends (CPU and CUDA alike).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .subsets import SubsetTable
+
+_HERE = Path(__file__).resolve().parent
+_SOURCES = (_HERE / "fused.c", _HERE / "fused_body.h")
+_FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
+"""`-ffp-contract=off`: no fused multiply-adds, so `E - λ cost` rounds as in torch's float64 arithmetic."""
+_TUNING = (("-march=native", "-mprefer-vector-width=256"), ("-march=native",), ())
+"""Tried in turn until one compiles: this CPU's instructions (256-bit vectors were the fastest on a
+2-core AVX-512 VM, 16 against 25 µs per decision); the last, plain `-O3`, builds anywhere."""
+MIN_ROWS_PER_THREAD = 64
+"""Fewer rows than this per thread are not worth a thread."""
+_FUNCTIONS = {torch.float32: "rt_decide_f32", torch.float64: "rt_decide_f64"}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ROUTER_TRAIN_CACHE") or Path.home() / ".cache" / "router-train") / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` compiles for: the CPU's model and flags (Linux), else the platform's name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("flags", "model name"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile the sources into `target` atomically (a temporary file renamed into place), with the first
+    of `_TUNING` the compiler accepts; the last error if none does."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".so")
+    os.close(fd)
+    try:
+        for i, tuning in enumerate(_TUNING):
+            try:
+                subprocess.run([compiler, *_FLAGS, *tuning, "-I", str(_HERE), "-o", tmp, str(_SOURCES[0])],
+                               check=True, capture_output=True, text=True, timeout=120)
+                break
+            except subprocess.CalledProcessError:
+                if i == len(_TUNING) - 1:
+                    raise
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (compiled on first use, then cached on disk); None, with one warning, where no C
+    compiler works (the torch backends are used instead)."""
+    compiler = os.environ.get("CC") or "cc"
+    digest = hashlib.sha256()
+    for part in (*(p.read_bytes() for p in _SOURCES), repr((_FLAGS, _TUNING)).encode(), compiler.encode(),
+                 _cpu_signature().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    target = _cache_dir() / f"fused-{digest.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            if shutil.which(compiler) is None:
+                raise OSError(f"no C compiler {compiler!r} on PATH")
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        warnings.warn(f"the fused decision kernel is unavailable ({detail}); using the torch backends "
+                      "(set CC to a working C compiler to enable it)", RuntimeWarning, stacklevel=2)
+        return None
+    i64, ptr, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+    for name in _FUNCTIONS.values():
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
+                       ctypes.c_int, ptr, ptr, dbl, dbl, ptr, ptr]
+    return lib
+
+
+def available() -> bool:
+    """Whether the fused kernel can run here."""
+    return library() is not None
+
+
+@functools.lru_cache(maxsize=128)
+def walk(table: SubsetTable) -> dict[str, torch.Tensor]:
+    """The table's arrays as the C code reads them: a depth-first order of the subsets (each right after
+    its parent's subtree starts, so one running max per size suffices), sizes, parents, added elements and
+    membership bitmasks."""
+    children: list[list[int]] = [[] for _ in range(table.count)]
+    for j in range(1, table.count):
+        children[int(table.parent[j])].append(j)
+    order, stack = [], [0]
+    while stack:
+        j = stack.pop()
+        order.append(j)
+        stack.extend(reversed(children[j]))
+    weights = torch.ones(table.n, dtype=torch.long) << torch.arange(table.n)
+    return {
+        "order": torch.tensor(order, dtype=torch.long),
+        "size": table.size.contiguous(),
+        "parent": table.parent.contiguous(),
+        "added": table.added.contiguous(),
+        "rel": (table.bits.long() * weights).sum(1).contiguous(),
+    }
+
+
+def decide_rows(
+    x: torch.Tensor,
+    quality: torch.Tensor | None,
+    cost: torch.Tensor,
+    run: torch.Tensor,
+    table: SubsetTable,
+    lam: torch.Tensor,
+    expensive: torch.Tensor,
+    *,
+    force_order: bool,
+    tie_tol: float,
+    cost_rtol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next model, supermodel bitmask) per row, for B CPU rows that all have `t = k - table.n` models run.
+
+    `x` (B, S, k) holds the quality samples (S = 1: the point estimates), `quality` (B, k) the estimates
+    that one-model supermodels are valued at exactly (None without Σ), both float32 or float64; `cost`
+    (B, k) float64; `run` (B, k) bool; `lam` (B,) float64; `expensive` (B,) bool.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the fused kernel is unavailable (no working C compiler): use method 'levels' or 'zeta'")
+    if x.dtype not in _FUNCTIONS:
+        raise ValueError(f"the fused kernel takes float32 or float64 samples, got {x.dtype}")
+    b, s, k = x.shape
+    arrays = walk(table)
+    x = x.contiguous()
+    quality = None if quality is None else quality.to(x.dtype).contiguous()
+    cost = cost.to(torch.float64).contiguous()
+    run8 = run.to(torch.uint8).contiguous()
+    lam = lam.to(torch.float64).contiguous()
+    dear = expensive.to(torch.uint8).contiguous()
+    next_model = torch.empty(b, dtype=torch.long)
+    supermodel = torch.empty(b, dtype=torch.long)
+    fn = getattr(lib, _FUNCTIONS[x.dtype])
+    t = k - table.n
+
+    def part(bounds: tuple[int, int]) -> int:
+        return fn(bounds[0], bounds[1], k, s, x.data_ptr(), None if quality is None else quality.data_ptr(),
+                  cost.data_ptr(), run8.data_ptr(), t, table.count, arrays["order"].data_ptr(),
+                  arrays["size"].data_ptr(), arrays["parent"].data_ptr(), arrays["added"].data_ptr(),
+                  arrays["rel"].data_ptr(), int(force_order), lam.data_ptr(), dear.data_ptr(), tie_tol,
+                  cost_rtol, next_model.data_ptr(), supermodel.data_ptr())
+
+    threads = max(1, min(torch.get_num_threads(), b // MIN_ROWS_PER_THREAD))
+    edges = [b * i // threads for i in range(threads + 1)]
+    parts = list(zip(edges[:-1], edges[1:]))
+    if threads == 1:
+        codes = [part(parts[0])]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            codes = list(pool.map(part, parts))
+    if any(codes):
+        raise MemoryError("the fused kernel could not allocate its scratch memory")
+    return next_model, supermodel
