@@ -3,9 +3,12 @@
 Every query starts with no model run; at each step the kernel picks the next model (or stop) for all
 active queries at once, the picked model's real output is "observed" from the table, and the next
 step follows. The estimates and the candidate supermodels of each visited state (query, run set) do
-not depend on λ, so they are computed once, pruned to those some λ >= 0 can select, and cached with
-their decision as a function of λ (`kernel.lambda_table`) and a pointer to each successor state:
-calibration then evaluates hundreds of strategies at the cost of a few table reads per step each.
+not depend on λ, so they are computed once, pruned to those some λ >= 0 can select, and turned into
+the state's decision as a function of λ (`kernel.lambda_table`: the next model per interval of λ), which
+is cached with the state's estimates and a pointer to each successor state: calibration then evaluates
+hundreds of strategies at the cost of a few table reads per step each. The candidates themselves are
+not kept (their width times the states was most of the memory): the rare λ within rounding distance of
+a breakpoint rebuilds those states' candidates from the cached estimates and decides them with `choose`.
 """
 
 from __future__ import annotations
@@ -91,8 +94,7 @@ class _StateStore:
         self.rows: dict[str, _Rows] = {}  # per-state tensors by name
         self.children = _Rows()  # slot in the next step's store after running model m; -1: not looked up
         self.root: torch.Tensor | None = None  # slots of (row, no model run) for every row, at t = 0
-        self.table = None  # the SubsetTable of cached candidates
-        self.lambdas: LambdaTable | None = None  # `choose` as a function of λ for the cached candidates
+        self.lambdas: LambdaTable | None = None  # next model (-1: stop) as a function of λ, per state
 
     def key(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         members = run.long()
@@ -212,40 +214,60 @@ class Simulator:
                 strategy.sigma_scale, t)
 
     def _candidate_store(self, strategy: Strategy, t: int) -> _StateStore:
-        """Pruned candidates of the states with t models run for the strategy's structure, with their
-        λ table, the next model of each candidate and the answer model of each state."""
+        """The states with t models run for the strategy's structure: their next model as a function of λ
+        (the λ table of their pruned candidates), answer model, and the estimates the candidates are
+        built from (`_candidates` rebuilds them where λ sits on a breakpoint)."""
         key = self._candidate_key(strategy, t)
         if key in self._stores:
             return self._stores[key]
-        chunk = chunk_rows(self.k, t, strategy, self.kernel)
 
         def compute(rows, run):
-            parts, answers = [], []
+            states: dict[str, list[torch.Tensor]] = {"answer": [], "quality": [], "cost": [], "run": [], "factor": []}
             for part_run, est in self._batches(rows, run):
-                answers.append(answer_models(est.quality, part_run))
+                states["answer"].append(answer_models(est.quality, part_run))
                 factor = factorize(scaled_cov(est.cov, strategy.sigma_scale), dtype=self.kernel.dtype, validate=False)
-                for j in range(0, part_run.shape[0], chunk):
-                    sl = slice(j, j + chunk)
-                    cands = step_candidates(
-                        est.quality[sl], None if factor is None else factor[sl], est.cost[sl], part_run[sl],
-                        strategy, self.kernel,
-                    )
-                    parts.append(prune(cands))
-            width = max(p.value.shape[1] for p in parts)
-            merged = Candidates.cat([_widen(p, width) for p in parts])
-            store.table = merged.table
-            value = merged.value.to(torch.float64)
-            table = LambdaTable.build(value, merged.cost, merged.valid, tie_tol=self.kernel.tie_tol)
+                states["quality"].append(est.quality)
+                states["cost"].append(est.cost)
+                states["run"].append(part_run)
+                if factor is not None:
+                    states["factor"].append(factor)
+            data = {name: torch.cat(parts) for name, parts in states.items() if parts}
+            table = self._next_model_table(strategy, data)
             store.lambdas = table if store.lambdas is None else LambdaTable.cat([store.lambdas, table])
-            first = merged.table.first[merged.index]
-            nxt = torch.where(first >= 0, merged.comp.gather(1, first.clamp(min=0)), -1)
-            return {
-                "value": value, "cost": merged.cost, "valid": merged.valid, "index": merged.index,
-                "comp": merged.comp, "run_mask": merged.run_mask, "next": nxt, "answer": torch.cat(answers),
-            }
+            return data
 
         store = self._stores[key] = _StateStore(self.k, t, self.n, compute)
         return store
+
+    def _candidates(self, strategy: Strategy, data: dict[str, torch.Tensor]) -> Candidates:
+        """The pruned candidates of states from their cached estimates (`data` rows), widened to one width."""
+        parts = []
+        chunk = chunk_rows(self.k, int(data["run"][0].sum()) if len(data["run"]) else 0, strategy, self.kernel)
+        for j in range(0, data["run"].shape[0], chunk):
+            sl = slice(j, j + chunk)
+            factor = data["factor"][sl] if "factor" in data else None
+            cands = step_candidates(data["quality"][sl], factor, data["cost"][sl], data["run"][sl], strategy, self.kernel)
+            parts.append(prune(cands))
+        width = max(p.value.shape[1] for p in parts)
+        return Candidates.cat([_widen(p, width) for p in parts])
+
+    def _next_model_table(self, strategy: Strategy, data: dict[str, torch.Tensor]) -> LambdaTable:
+        """The λ table of states whose picks are next models (-1: stop) rather than candidate columns."""
+        merged = self._candidates(strategy, data)
+        table = LambdaTable.build(merged.value.to(torch.float64), merged.cost, merged.valid, tie_tol=self.kernel.tie_tol)
+        first = merged.table.first[merged.index]
+        nxt = torch.where(first >= 0, merged.comp.gather(1, first.clamp(min=0)), -1)
+        counts = table.offsets[1:] - table.offsets[:-1] + 1  # intervals per state
+        state = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        pick = nxt[state.unsqueeze(1), table.pick.long()].to(torch.int16)
+        return LambdaTable(table.breaks, table.offsets, pick, table.safe)
+
+    def _choose_next(self, strategy: Strategy, store: _StateStore, slots: torch.Tensor, lam: float,
+                     expensive: torch.Tensor) -> torch.Tensor:
+        """Next model of states by `choose` on their rebuilt candidates (for λ on a breakpoint)."""
+        data = {name: rows.data.index_select(0, slots) for name, rows in store.rows.items()}
+        cands = self._candidates(strategy, data)
+        return cands.next_model(choose(cands, lam, expensive, tie_tol=self.kernel.tie_tol))
 
     def _step_store(self, strategy: Strategy, t: int) -> _StateStore:
         """The store a strategy reads at step t: candidates, or estimates for the thresholding cascade
@@ -255,17 +277,15 @@ class Simulator:
         return self._candidate_store(strategy, t)
 
     def _next_models(
-        self, store: _StateStore, slots: torch.Tensor, lam: float, expensive: torch.Tensor, track: bool
+        self, strategy: Strategy, store: _StateStore, slots: torch.Tensor, lam: float, expensive: torch.Tensor,
+        track: bool,
     ) -> tuple[torch.Tensor, tuple[float, float] | None]:
         """Next model (-1: stop) of each state at λ, from the λ table (rows whose λ is within rounding
         distance of a breakpoint are decided by `choose`), and, if `track`, the range of λ keeping every decision."""
-        pick, sure, stable = store.lambdas.lookup(slots, lam, expensive, stable=track)
-        per_column = store.rows["next"].data
-        nxt = per_column.view(-1).index_select(0, slots * per_column.shape[1] + pick)
+        nxt, sure, stable = store.lambdas.lookup(slots, lam, expensive, stable=track)
         unsure = (~sure).nonzero().squeeze(1)
         if unsure.numel():
-            cands = _stored_candidates(store, slots[unsure])
-            nxt[unsure] = cands.next_model(choose(cands, lam, expensive[unsure], tie_tol=self.kernel.tie_tol))
+            nxt[unsure] = self._choose_next(strategy, store, slots[unsure], lam, expensive[unsure])
         return nxt, stable
 
     def _children(
@@ -309,7 +329,7 @@ class Simulator:
                 answer[active] = store.data["answer"].index_select(0, slots)
                 break
             dear = expensive.index_select(0, active)
-            nxt, stable[t] = self._next_models(store, slots, strategy.lambdas[t], dear, track)
+            nxt, stable[t] = self._next_models(strategy, store, slots, strategy.lambdas[t], dear, track)
             stop = nxt < 0
             if stop.any():
                 answer[active[stop]] = store.data["answer"][slots[stop]]
@@ -347,11 +367,7 @@ class Simulator:
             answers.append(store.data["answer"][slot])
             if t < depth:  # each interval's pick as "go on" (1) or "stop" (0)
                 sub = store.lambdas.reorder(slot)
-                counts = sub.offsets[1:] - sub.offsets[:-1] + 1
-                state = torch.repeat_interleave(torch.arange(n), counts)
-                nxt = store.data["next"]
-                go = nxt[slot[state].unsqueeze(1), sub.pick.long()].ge(0).to(torch.int16)
-                tables.append(LambdaTable(sub.breaks, sub.offsets, go, sub.safe))
+                tables.append(LambdaTable(sub.breaks, sub.offsets, sub.pick.ge(0).to(torch.int16), sub.safe))
         states = _PrefixStates(depth=depth, slots=slots)
         if threshold:
             states.quality = torch.stack(estimates) if estimates else torch.empty(0, n, dtype=torch.float64)
@@ -388,9 +404,8 @@ class Simulator:
                 unsure = (~sure).nonzero().squeeze(1)
                 if unsure.numel():  # λ within rounding distance of a breakpoint: `choose`
                     store = self._candidate_store(strategy, t)
-                    cands = _stored_candidates(store, states.slots[t].index_select(0, active[unsure]))
-                    pick = choose(cands, strategy.lambdas[t], dear[unsure], tie_tol=self.kernel.tie_tol)
-                    flags[unsure] = cands.next_model(pick).ge(0).long()
+                    slots = states.slots[t].index_select(0, active[unsure])
+                    flags[unsure] = self._choose_next(strategy, store, slots, strategy.lambdas[t], dear[unsure]).ge(0).long()
                 go = flags.bool()
                 if track:
                     stable[t] = rng
@@ -436,15 +451,6 @@ def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.full((unique.numel(),), keys.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(keys.numel()), reduce="amin")
     return unique, first
-
-
-def _stored_candidates(store: _StateStore, slots: torch.Tensor) -> Candidates:
-    """The cached candidates of the states in `slots`."""
-    d = store.data
-    return Candidates(
-        store.t, store.table, d["comp"][slots], d["run_mask"][slots], d["value"][slots], d["cost"][slots],
-        d["valid"][slots], d["index"][slots],
-    )
 
 
 def _widen(c: Candidates, width: int) -> Candidates:
