@@ -49,8 +49,9 @@ class Outcome:
 
 
 class _Rows:
-    """A tensor that grows by rows into spare capacity (doubling), so appending is amortized in the new
-    rows rather than a copy of everything so far; 2-D rows are padded to the widest seen (`_pad_to`)."""
+    """A tensor that grows by rows into spare capacity (×1.5), so appending is amortized in the new rows
+    rather than a copy of everything so far; 2-D rows are padded to the widest seen (`_pad_to`). The
+    first rows are stored without spare room: most stores get all their rows at once."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
@@ -59,12 +60,12 @@ class _Rows:
     def append(self, value: torch.Tensor) -> None:
         m = value.shape[0]
         if self.buffer is None:
-            self.buffer = torch.empty((max(2 * m, 64),) + tuple(value.shape[1:]), dtype=value.dtype)
+            self.buffer = torch.empty((m,) + tuple(value.shape[1:]), dtype=value.dtype)
         if value.dim() == 2 and value.shape[1] != self.buffer.shape[1]:
             width = max(value.shape[1], self.buffer.shape[1])
             value, self.buffer = _pad_to(value, width), _pad_to(self.buffer, width)
         if self.size + m > self.buffer.shape[0]:
-            grown = torch.empty((max(2 * self.buffer.shape[0], self.size + m),) + tuple(self.buffer.shape[1:]),
+            grown = torch.empty((max(3 * self.buffer.shape[0] // 2, self.size + m),) + tuple(self.buffer.shape[1:]),
                                 dtype=self.buffer.dtype)
             grown[: self.size] = self.buffer[: self.size]
             self.buffer = grown
@@ -92,7 +93,7 @@ class _StateStore:
         self.keys = torch.empty(0, dtype=torch.long)
         self.slots = torch.empty(0, dtype=torch.long)
         self.rows: dict[str, _Rows] = {}  # per-state tensors by name
-        self.children = _Rows()  # slot in the next step's store after running model m; -1: not looked up
+        self.children = _Rows()  # int32 slot in the next step's store after running model m; -1: not looked up
         self.root: torch.Tensor | None = None  # slots of (row, no model run) for every row, at t = 0
         self.lambdas: LambdaTable | None = None  # next model (-1: stop) as a function of λ, per state
 
@@ -133,9 +134,11 @@ class _StateStore:
 
     def add(self, keys: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
         start = self.keys.numel()
+        if start + keys.numel() >= 2**31:  # the successor pointers are int32
+            raise ValueError(f"more than 2^31 states cached at step {self.t}: simulate fewer queries at once")
         for name, value in data.items():
             self.rows.setdefault(name, _Rows()).append(value)
-        self.children.append(torch.full((keys.numel(), self.k), -1, dtype=torch.long))
+        self.children.append(torch.full((keys.numel(), self.k), -1, dtype=torch.int32))
         keys_all = torch.cat([self.keys, keys])
         slots_all = torch.cat([self.slots, torch.arange(start, start + keys.numel())])
         order = keys_all.argsort()
@@ -150,6 +153,9 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
     tail = torch.zeros(x.shape[0], extra, dtype=x.dtype) if x.dtype == torch.bool else x[:, :1].expand(-1, extra)
     return torch.cat([x, tail], 1)
 
+
+TABLE_STATES = 1 << 15
+"""States whose candidates are built (and turned into λ tables) at once: bounds that transient memory."""
 
 PREFIX_MODES = ("cascade", "threshold_cascade")
 """Modes whose run sets are prefixes of the model order: `Simulator` reads all their decisions at once."""
@@ -252,15 +258,20 @@ class Simulator:
         return Candidates.cat([_widen(p, width) for p in parts])
 
     def _next_model_table(self, strategy: Strategy, data: dict[str, torch.Tensor]) -> LambdaTable:
-        """The λ table of states whose picks are next models (-1: stop) rather than candidate columns."""
-        merged = self._candidates(strategy, data)
-        table = LambdaTable.build(merged.value.to(torch.float64), merged.cost, merged.valid, tie_tol=self.kernel.tie_tol)
-        first = merged.table.first[merged.index]
-        nxt = torch.where(first >= 0, merged.comp.gather(1, first.clamp(min=0)), -1)
-        counts = table.offsets[1:] - table.offsets[:-1] + 1  # intervals per state
-        state = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-        pick = nxt[state.unsqueeze(1), table.pick.long()].to(torch.int16)
-        return LambdaTable(table.breaks, table.offsets, pick, table.safe)
+        """The λ table of states whose picks are next models (-1: stop) rather than candidate columns, built
+        `TABLE_STATES` states at a time so that their candidates never all exist at once."""
+        tables = []
+        for i in range(0, data["run"].shape[0], TABLE_STATES):
+            merged = self._candidates(strategy, {name: v[i : i + TABLE_STATES] for name, v in data.items()})
+            table = LambdaTable.build(merged.value.to(torch.float64), merged.cost, merged.valid,
+                                      tie_tol=self.kernel.tie_tol)
+            first = merged.table.first[merged.index]
+            nxt = torch.where(first >= 0, merged.comp.gather(1, first.clamp(min=0)), -1)
+            counts = table.offsets[1:] - table.offsets[:-1] + 1  # intervals per state
+            state = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+            pick = nxt[state.unsqueeze(1), table.pick.long()].to(torch.int16)
+            tables.append(LambdaTable(table.breaks, table.offsets, pick, table.safe))
+        return tables[0] if len(tables) == 1 else LambdaTable.cat(tables)
 
     def _choose_next(self, strategy: Strategy, store: _StateStore, slots: torch.Tensor, lam: float,
                      expensive: torch.Tensor) -> torch.Tensor:
@@ -294,12 +305,12 @@ class Simulator:
     ) -> torch.Tensor:
         """Slots in `target` of the states reached from `slots` by running `nxt` (run: the new run sets of all queries)."""
         flat = slots * self.k + nxt
-        child = store.child.view(-1).index_select(0, flat)
+        child = store.child.view(-1).index_select(0, flat).long()
         missing = (child < 0).nonzero().squeeze(1)
         if missing.numel():
             found = target.lookup(rows[missing], run[rows[missing]])
             child[missing] = found
-            store.child.view(-1)[flat[missing]] = found
+            store.child.view(-1)[flat[missing]] = found.to(torch.int32)
         return child
 
     # -- running strategies -----------------------------------------------------------------

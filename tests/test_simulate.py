@@ -13,6 +13,7 @@ from router_train.kernel import KernelConfig, decide
 from router_train.kernel.candidates import Candidates, choose
 from router_train.kernel.prune import prune
 from router_train.kernel.subsets import subset_table
+from router_train import simulate
 from router_train.simulate import Simulator
 from router_train.strategy import Strategy
 
@@ -71,6 +72,19 @@ def test_simulator_matches_the_kernel_step_by_step(setup, strategy, expensive):
     assert torch.equal(outcome.answer, answer)
     assert torch.allclose(outcome.cost, (table.cost * run).sum(1))
     assert torch.equal(outcome.quality, table.quality.gather(1, answer.unsqueeze(1)).squeeze(1))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES[1:6], ids=lambda s: s.mode)
+def test_lambda_tables_built_in_small_groups_of_states_decide_the_same(setup, strategy, monkeypatch):
+    """The simulator builds its λ tables `TABLE_STATES` states at a time (bounded memory): 7 at a time, the
+    outcomes are those of the kernel step by step, as with one group."""
+    table, estimator, _ = setup
+    monkeypatch.setattr(simulate, "TABLE_STATES", 7)
+    sim = Simulator(table, estimator, kernel=KERNEL)
+    for expensive in (False, True):
+        outcome = sim.run(strategy, expensive)
+        run, answer = step_by_step(table, estimator, strategy, expensive)
+        assert torch.equal(outcome.run, run) and torch.equal(outcome.answer, answer)
 
 
 @settings(max_examples=80, deadline=None, derandomize=True)
