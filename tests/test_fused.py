@@ -119,3 +119,33 @@ def test_compiled_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
 def test_method_names_are_checked():
     with pytest.raises(ValueError, match="KernelConfig.method"):
         KernelConfig(method="fast")
+
+
+@needs_compiler
+@pytest.mark.parametrize("prefix_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_candidate_values_are_the_levels_backends(prefix_only, dtype):
+    """`build_candidates(method="fused")` (what the simulator caches): the same candidates, costs and
+    validity as the `levels` backend, values equal up to the rounding of the sample means."""
+    from router_train.kernel import build_candidates, normal_samples
+    from router_train.kernel.decide import factorize
+
+    gen = torch.Generator().manual_seed(3)
+    b, k = 50, 9
+    quality = torch.rand(b, k, generator=gen, dtype=torch.float64)
+    cost = torch.rand(b, k, generator=gen, dtype=torch.float64) * 1e-3
+    a = torch.randn(b, k, k, generator=gen, dtype=torch.float64) * 0.2
+    factor = factorize(a @ a.transpose(1, 2) / k, dtype=dtype)
+    z = normal_samples(40, k, 0, dtype=dtype)
+    for t in range(3):
+        run = torch.zeros(b, k, dtype=torch.bool)
+        run[:, :t] = True  # a prefix: valid for both tables
+        args = (quality.to(dtype), factor, cost, run, z)
+        got = build_candidates(*args, max_depth=4, prefix_only=prefix_only, method="fused")
+        ref = build_candidates(*args, max_depth=4, prefix_only=prefix_only, method="levels")
+        assert got.value.dtype == ref.value.dtype and got.value.shape == ref.value.shape
+        finite = torch.isfinite(ref.value)
+        assert torch.equal(finite, torch.isfinite(got.value))
+        assert torch.allclose(got.value[finite], ref.value[finite], atol=1e-6 if dtype == torch.float32 else 1e-12)
+        assert torch.equal(got.cost, ref.cost) and torch.equal(got.valid, ref.valid)
+        assert torch.equal(got.run_mask, ref.run_mask) and torch.equal(got.comp, ref.comp)

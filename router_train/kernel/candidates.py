@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import fused
 from .expected_max import absolute_masks, expected_max, sample_qualities
 from .subsets import SubsetTable, prefix_table, subset_table
 
@@ -100,23 +101,31 @@ def build_candidates(
     valued at that model's estimate exactly, as without Σ. `prefix_only` restricts the candidates to
     prefixes `{m_0..m_j}` of the model order (the paper's optimal cascade; the run set must be a prefix),
     enumerated on their own so the work is linear in k; `force_order` to supermodels whose added models
-    all come after the last run one.
+    all come after the last run one. `method`: `fused` (the C kernel, `fused.py`: the `levels` values
+    without their `(B, M, samples)` intermediate; CPU), `levels`, `zeta`, or `auto` (fused on CPU where it
+    compiled, else the cheaper torch backend).
     """
     b, k = quality.shape
     device = quality.device
     t = int(run[0].sum()) if b else 0
     table = (prefix_table if prefix_only else subset_table)(k - t, max_depth - t)
     comp = free_models(run)
-    if t == 0:  # the same candidates for every row: compute their masks once
-        masks = absolute_masks(run[:1], comp[:1], table).expand(b, -1)
-    else:
-        masks = absolute_masks(run, comp, table)
     x = sample_qualities(quality, factor, z)
-    value = expected_max(x, run, comp, table, method, masks)
-    if factor is not None:
-        exact_singletons(value, quality, run, comp, table, t)
-
-    total_cost = supermodel_costs(cost, run, comp, table)
+    use_fused = method == "fused" or (method == "auto" and device.type == "cpu" and b > 0 and fused.available())
+    if use_fused:
+        value, total_cost = fused.candidate_values(x, None if factor is None else quality, cost, run, table)
+        weights = torch.ones(k, dtype=torch.long) << torch.arange(k)
+        run_mask = (run.long() * weights).sum(1)
+    else:
+        if t == 0:  # the same candidates for every row: compute their masks once
+            masks = absolute_masks(run[:1], comp[:1], table).expand(b, -1)
+        else:
+            masks = absolute_masks(run, comp, table)
+        value = expected_max(x, run, comp, table, method, masks)
+        if factor is not None:
+            exact_singletons(value, quality, run, comp, table, t)
+        total_cost = supermodel_costs(cost, run, comp, table)
+        run_mask = masks[:, 0]
 
     structural = torch.ones(table.count, dtype=torch.bool, device=device)
     if t == 0:
@@ -127,7 +136,7 @@ def build_candidates(
         last_run = torch.where(run, torch.arange(k, device=device), -1).amax(1)
         lowest_allowed = (last_run + 1 - t).unsqueeze(1)  # position in comp of the first model after it
         valid = valid & ((first.unsqueeze(0) >= lowest_allowed) | (first.unsqueeze(0) < 0))
-    return Candidates(t, table, comp, masks[:, 0], value, total_cost, valid)
+    return Candidates(t, table, comp, run_mask, value, total_cost, valid)
 
 
 def exact_singletons(

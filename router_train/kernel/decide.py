@@ -32,11 +32,6 @@ class KernelConfig:
         if self.method not in ("auto", "fused", "zeta", "levels"):
             raise ValueError(f"KernelConfig.method must be 'auto', 'fused', 'zeta' or 'levels', got {self.method!r}")
 
-    @property
-    def torch_method(self) -> str:
-        """The torch backend for candidates the fused kernel does not compute (it matches `levels`)."""
-        return "levels" if self.method == "fused" else self.method
-
 
 @dataclass
 class StepDecision:
@@ -150,7 +145,7 @@ def step_candidates(
         max_depth=min(strategy.max_depth, k),
         prefix_only=strategy.mode == "cascade",
         force_order=strategy.force_order,
-        method=config.torch_method,
+        method=config.method,
     )
 
 

@@ -41,14 +41,26 @@ static inline double hsum_f64(const double *a)
 #define LANES 16
 #define HSUM hsum_f32
 #define NAME rt_decide_f32
+#define VALUES_NAME rt_values_f32
+#define ROW_NAME row_f32
+#define SCRATCH scratch_f32
+#define SCRATCH_INIT scratch_init_f32
 #include "fused_body.h"
 #undef REAL
 #undef LANES
 #undef HSUM
 #undef NAME
+#undef VALUES_NAME
+#undef ROW_NAME
+#undef SCRATCH
+#undef SCRATCH_INIT
 
 #define REAL double
 #define LANES 8
 #define HSUM hsum_f64
 #define NAME rt_decide_f64
+#define VALUES_NAME rt_values_f64
+#define ROW_NAME row_f64
+#define SCRATCH scratch_f64
+#define SCRATCH_INIT scratch_init_f64
 #include "fused_body.h"

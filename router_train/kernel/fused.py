@@ -42,6 +42,7 @@ _TUNING = (("-march=native", "-mprefer-vector-width=256"), ("-march=native",), (
 MIN_ROWS_PER_THREAD = 64
 """Fewer rows than this per thread are not worth a thread."""
 _FUNCTIONS = {torch.float32: "rt_decide_f32", torch.float64: "rt_decide_f64"}
+_VALUES = {torch.float32: "rt_values_f32", torch.float64: "rt_values_f64"}
 
 
 def _cache_dir() -> Path:
@@ -100,11 +101,12 @@ def library() -> ctypes.CDLL | None:
                       "(set CC to a working C compiler to enable it)", RuntimeWarning, stacklevel=2)
         return None
     i64, ptr, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-    for name in _FUNCTIONS.values():
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
-                       ctypes.c_int, ptr, ptr, dbl, dbl, ptr, ptr]
+    common = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr]
+    for names, extra in ((_FUNCTIONS, [ptr, ctypes.c_int, ptr, ptr, dbl, dbl, ptr, ptr]), (_VALUES, [ptr, ptr])):
+        for name in names.values():
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int
+            fn.argtypes = common + extra
     return lib
 
 
@@ -136,6 +138,52 @@ def walk(table: SubsetTable) -> dict[str, torch.Tensor]:
     }
 
 
+def _in_threads(rows: int, part) -> None:
+    """`part((begin, end))` over `rows` rows split into `torch.get_num_threads()` ranges, in threads (ctypes
+    releases the GIL); a MemoryError if a part could not allocate its scratch memory."""
+    threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+    edges = [rows * i // threads for i in range(threads + 1)]
+    parts = list(zip(edges[:-1], edges[1:]))
+    if threads == 1:
+        codes = [part(parts[0])]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            codes = list(pool.map(part, parts))
+    if any(codes):
+        raise MemoryError("the fused kernel could not allocate its scratch memory")
+
+
+def _inputs(x: torch.Tensor, quality: torch.Tensor | None, cost: torch.Tensor, run: torch.Tensor, table: SubsetTable):
+    """The library and the C functions' leading arguments (a tuple to pass on) for rows of one step."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the fused kernel is unavailable (no working C compiler): use method 'levels' or 'zeta'")
+    if x.dtype not in _FUNCTIONS:
+        raise ValueError(f"the fused kernel takes float32 or float64 samples, got {x.dtype}")
+    b, s, k = x.shape
+    walked = walk(table)
+    keep = [x.contiguous(), None if quality is None else quality.to(x.dtype).contiguous(),
+            cost.to(torch.float64).contiguous(), run.to(torch.uint8).contiguous()]
+    args = (k, s, keep[0].data_ptr(), None if keep[1] is None else keep[1].data_ptr(), keep[2].data_ptr(),
+            keep[3].data_ptr(), k - table.n, table.count, *(walked[f].data_ptr() for f in ("order", "size", "parent", "added")))
+    return lib, args, keep
+
+
+def candidate_values(
+    x: torch.Tensor, quality: torch.Tensor | None, cost: torch.Tensor, run: torch.Tensor, table: SubsetTable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[max] in `x`'s dtype, cost in float64) of every candidate of the table, `(B, M)` each, for B CPU rows
+    that all have `t = k - table.n` models run: `build_candidates`' values with the `levels` backend,
+    without its `(B, M, samples)` intermediate. Arguments as for `decide_rows`."""
+    lib, args, keep = _inputs(x, quality, cost, run, table)
+    b = x.shape[0]
+    value = torch.empty(b, table.count, dtype=torch.float64)
+    total = torch.empty(b, table.count, dtype=torch.float64)
+    fn = getattr(lib, _VALUES[x.dtype])
+    _in_threads(b, lambda bounds: fn(bounds[0], bounds[1], *args, value.data_ptr(), total.data_ptr()))
+    return value.to(x.dtype), total
+
+
 def decide_rows(
     x: torch.Tensor,
     quality: torch.Tensor | None,
@@ -155,39 +203,14 @@ def decide_rows(
     that one-model supermodels are valued at exactly (None without Σ), both float32 or float64; `cost`
     (B, k) float64; `run` (B, k) bool; `lam` (B,) float64; `expensive` (B,) bool.
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the fused kernel is unavailable (no working C compiler): use method 'levels' or 'zeta'")
-    if x.dtype not in _FUNCTIONS:
-        raise ValueError(f"the fused kernel takes float32 or float64 samples, got {x.dtype}")
-    b, s, k = x.shape
-    arrays = walk(table)
-    x = x.contiguous()
-    quality = None if quality is None else quality.to(x.dtype).contiguous()
-    cost = cost.to(torch.float64).contiguous()
-    run8 = run.to(torch.uint8).contiguous()
+    lib, args, keep = _inputs(x, quality, cost, run, table)
+    b = x.shape[0]
+    rel = walk(table)["rel"]
     lam = lam.to(torch.float64).contiguous()
     dear = expensive.to(torch.uint8).contiguous()
     next_model = torch.empty(b, dtype=torch.long)
     supermodel = torch.empty(b, dtype=torch.long)
     fn = getattr(lib, _FUNCTIONS[x.dtype])
-    t = k - table.n
-
-    def part(bounds: tuple[int, int]) -> int:
-        return fn(bounds[0], bounds[1], k, s, x.data_ptr(), None if quality is None else quality.data_ptr(),
-                  cost.data_ptr(), run8.data_ptr(), t, table.count, arrays["order"].data_ptr(),
-                  arrays["size"].data_ptr(), arrays["parent"].data_ptr(), arrays["added"].data_ptr(),
-                  arrays["rel"].data_ptr(), int(force_order), lam.data_ptr(), dear.data_ptr(), tie_tol,
-                  cost_rtol, next_model.data_ptr(), supermodel.data_ptr())
-
-    threads = max(1, min(torch.get_num_threads(), b // MIN_ROWS_PER_THREAD))
-    edges = [b * i // threads for i in range(threads + 1)]
-    parts = list(zip(edges[:-1], edges[1:]))
-    if threads == 1:
-        codes = [part(parts[0])]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            codes = list(pool.map(part, parts))
-    if any(codes):
-        raise MemoryError("the fused kernel could not allocate its scratch memory")
+    _in_threads(b, lambda bounds: fn(bounds[0], bounds[1], *args, rel.data_ptr(), int(force_order), lam.data_ptr(),
+                                     dear.data_ptr(), tie_tol, cost_rtol, next_model.data_ptr(), supermodel.data_ptr()))
     return next_model, supermodel
