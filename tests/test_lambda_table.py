@@ -1,12 +1,14 @@
 """The λ table decides exactly as `choose`, or flags the row; the simulator built on it matches the kernel."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_simulate import KERNEL, setup, step_by_step  # noqa: F401 (setup: a fixture)
 
 from router_train.calibrate import CalibrationConfig, calibrate
+from router_train.kernel import fused
 from router_train.kernel.candidates import Candidates, choose
 from router_train.kernel.lambda_table import LambdaTable
 from router_train.kernel.prune import prune
@@ -138,3 +140,29 @@ def test_a_cascade_lambda_on_a_breakpoint_is_decided_by_choose_and_matches_the_k
             run, answer = step_by_step(table, estimator, strategy, dear)
             assert torch.equal(outcome.run, run)
             assert torch.equal(outcome.answer, answer)
+
+
+@pytest.mark.skipif(not fused.available(), reason="no working C compiler here: the torch build is the only one")
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1), st.booleans(), st.booleans())
+def test_the_c_build_is_the_torch_build_bit_for_bit(seed, tied, valid_first):
+    """`LambdaTable.build` runs per state in C where it compiled: the same breakpoints, picks and safe
+    ranges, to the bit, as the torch build (ties, invalid columns, mixed widths)."""
+    rng = np.random.default_rng(seed)
+    b, w = int(rng.integers(1, 25)), int(rng.integers(1, 40))
+    value = rng.choice([0.2, 0.5, 0.7, 0.7 + 5e-7, 0.9, 0.9 - 5e-7], (b, w)) if tied else rng.random((b, w))
+    cost = rng.choice([0.0, 0.001, 0.002, 0.004, 0.01], (b, w)) if tied else rng.random((b, w)) * 0.01
+    if valid_first:
+        valid = torch.arange(w).unsqueeze(0) < torch.tensor(rng.integers(0, w + 1, b)).unsqueeze(1)
+    else:
+        valid = torch.tensor(rng.random((b, w)) < 0.8)
+    value, cost = torch.tensor(value), torch.tensor(cost)
+    in_c = LambdaTable.build(value, cost, valid)
+    available = fused.available
+    try:
+        fused.available = lambda: False
+        in_torch = LambdaTable.build(value, cost, valid)
+    finally:
+        fused.available = available
+    for field in ("breaks", "offsets", "pick", "safe"):
+        assert torch.equal(getattr(in_c, field), getattr(in_torch, field)), field

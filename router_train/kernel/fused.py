@@ -107,6 +107,8 @@ def library() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.restype = ctypes.c_int
             fn.argtypes = common + extra
+    lib.rt_lambda_table.restype = ctypes.c_int
+    lib.rt_lambda_table.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, dbl, dbl, dbl, ptr, ptr, ptr, ptr]
     return lib
 
 
@@ -214,3 +216,34 @@ def decide_rows(
     _in_threads(b, lambda bounds: fn(bounds[0], bounds[1], *args, rel.data_ptr(), int(force_order), lam.data_ptr(),
                                      dear.data_ptr(), tie_tol, cost_rtol, next_model.data_ptr(), supermodel.data_ptr()))
     return next_model, supermodel
+
+
+def lambda_table_arrays(
+    value: torch.Tensor, cost: torch.Tensor, valid: torch.Tensor, width: torch.Tensor, *, tie_tol: float,
+    cost_rtol: float, safety: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lambda_table._build_block` for B CPU states (B, w), each over its first `width[b]` columns:
+    (breaks, offsets, pick, safe) as `LambdaTable` holds them, computed per state in C (O(width²) work and
+    memory O(width) per thread, where the torch version holds (states, 2·width, width) tensors)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the fused kernel is unavailable (no working C compiler)")
+    b, w = value.shape
+    value, cost = value.to(torch.float64).contiguous(), cost.to(torch.float64).contiguous()
+    valid8, width = valid.to(torch.uint8).contiguous(), width.to(torch.long).contiguous()
+    room = 2 * width + 1  # intervals at most: 2 breakpoints per candidate
+    start = torch.cat([torch.zeros(1, dtype=torch.long), room.cumsum(0)[:-1]]).contiguous()
+    total = int(room.sum())
+    breaks = torch.empty(total, dtype=torch.float64)
+    pick = torch.empty(total, 2, dtype=torch.int16)
+    safe = torch.empty(total, 2, dtype=torch.float64)
+    count = torch.empty(b, dtype=torch.long)
+    _in_threads(b, lambda bounds: lib.rt_lambda_table(
+        bounds[0], bounds[1], w, value.data_ptr(), cost.data_ptr(), valid8.data_ptr(), width.data_ptr(),
+        start.data_ptr(), tie_tol, cost_rtol, safety, breaks.data_ptr(), pick.data_ptr(), safe.data_ptr(),
+        count.data_ptr()))
+    slot = torch.arange(total) - torch.repeat_interleave(start, room)  # interval m of its state
+    state_count = torch.repeat_interleave(count, room)
+    keep_interval, keep_break = slot <= state_count, slot < state_count
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), count.cumsum(0)])
+    return breaks[keep_break], offsets, pick[keep_interval], safe[keep_interval]
