@@ -166,3 +166,19 @@ def test_the_c_build_is_the_torch_build_bit_for_bit(seed, tied, valid_first):
         fused.available = available
     for field in ("breaks", "offsets", "pick", "safe"):
         assert torch.equal(getattr(in_c, field), getattr(in_torch, field)), field
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 40))
+def test_breakpoints_below_lambda_are_counted_alike_for_few_and_many_states(seed, looked_up):
+    """`lookup` counts a state's breakpoints <= λ by a binary search when few states of a large table are
+    looked up, by one pass otherwise: both give the count of a plain comparison, at and beside breakpoints."""
+    rng = np.random.default_rng(seed)
+    b, w = int(rng.integers(1, 300)), int(rng.integers(1, 20))
+    table = LambdaTable.build(torch.tensor(rng.random((b, w))), torch.tensor(rng.random((b, w)) * 0.01),
+                              torch.tensor(rng.random((b, w)) < 0.8))
+    slots = torch.tensor(rng.integers(0, b, looked_up))
+    span = table.span.index_select(0, slots)
+    for lam in [0.0, 55.5, 1e4, *table.breaks[:3].tolist()]:
+        expected = [int((table.breaks[s:e] <= lam).sum()) for s, e in span[:, :2].tolist()]
+        assert table._count_below(span, lam).tolist() == expected

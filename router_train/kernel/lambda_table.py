@@ -103,9 +103,8 @@ class LambdaTable:
         the open range of λ around `lam` in which every pick stays the same (just `lam` when some row
         is uncertain; None otherwise)."""
         lam = float(lam)
-        below = torch.cat([torch.zeros(1, dtype=torch.long), (self.breaks <= lam).long().cumsum(0)])
         span = self.span.index_select(0, slots)
-        at = span[:, 2] + below.index_select(0, span[:, 1]) - below.index_select(0, span[:, 0])
+        at = span[:, 2] + self._count_below(span, lam)
         picks = self.pick.index_select(0, at)
         pick = torch.where(expensive, picks[:, 1], picks[:, 0]).long()
         safe = self.safe.index_select(0, at)
@@ -117,6 +116,23 @@ class LambdaTable:
         if not bool(sure.all()):
             return pick, sure, (lam, lam)
         return pick, sure, (float(safe[:, 0].max()), float(safe[:, 1].min()))
+
+    def _count_below(self, span: torch.Tensor, lam: float) -> torch.Tensor:
+        """Per looked-up state (its `span` rows), how many of its sorted breakpoints are <= λ. A few states
+        of a large table: a binary search within each one's breakpoints (work in the states looked up, not
+        in the table); many: one pass over all breakpoints."""
+        start, end = span[:, 0], span[:, 1]
+        if span.shape[0] * 32 >= self.breaks.numel():
+            below = torch.cat([torch.zeros(1, dtype=torch.long), (self.breaks <= lam).long().cumsum(0)])
+            return below.index_select(0, end) - below.index_select(0, start)
+        lo, hi = start.clone(), end.clone()  # the first breakpoint > λ lies in [lo, hi]
+        last = self.breaks.numel() - 1
+        for _ in range(int((end - start).max()).bit_length() if span.shape[0] else 0):
+            mid = (lo + hi) // 2
+            right = (lo < hi) & (self.breaks.index_select(0, mid.clamp(max=last)) <= lam)
+            lo = torch.where(right, mid + 1, lo)
+            hi = torch.where((lo < hi) & ~right, mid, hi)
+        return lo - start
 
 
 def _segments(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
