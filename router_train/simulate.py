@@ -237,7 +237,17 @@ class Simulator:
                 states["run"].append(part_run)
                 if factor is not None:
                     states["factor"].append(factor)
-            data = {name: torch.cat(parts) for name, parts in states.items() if parts}
+            factors = states.pop("factor")
+            data = {name: torch.cat(parts) for name, parts in states.items()}
+            if factors:  # one layout per store: standard deviations while every Σ is diagonal, else full
+                held = store.rows.get("factor")
+                full = any(f.dim() == 3 for f in factors) or (held is not None and held.buffer.dim() == 3)
+                if full:
+                    factors = [torch.diag_embed(f) if f.dim() == 2 else f for f in factors]
+                    if held is not None and held.buffer.dim() == 2:
+                        held.buffer = torch.diag_embed(held.buffer)  # their rows stay flagged `diagonal`
+                data["factor"] = torch.cat(factors)
+                data["diagonal"] = torch.full((data["run"].shape[0],), not full)  # the layout their table used
             table = self._next_model_table(strategy, data)
             store.lambdas = table if store.lambdas is None else LambdaTable.cat([store.lambdas, table])
             return data
@@ -275,10 +285,21 @@ class Simulator:
 
     def _choose_next(self, strategy: Strategy, store: _StateStore, slots: torch.Tensor, lam: float,
                      expensive: torch.Tensor) -> torch.Tensor:
-        """Next model of states by `choose` on their rebuilt candidates (for λ on a breakpoint)."""
+        """Next model of states by `choose` on their rebuilt candidates (for λ on a breakpoint), each rebuilt
+        with the Σ factor layout its λ table was built with, so the values are the same."""
         data = {name: rows.data.index_select(0, slots) for name, rows in store.rows.items()}
-        cands = self._candidates(strategy, data)
-        return cands.next_model(choose(cands, lam, expensive, tie_tol=self.kernel.tie_tol))
+        nxt = torch.empty(slots.numel(), dtype=torch.long)
+        flags = data.get("diagonal", torch.ones(slots.numel(), dtype=torch.bool))
+        for diagonal in (True, False):
+            sel = (flags == diagonal).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            part = {name: v.index_select(0, sel) for name, v in data.items()}
+            if diagonal and "factor" in part and part["factor"].dim() == 3:
+                part["factor"] = part["factor"].diagonal(dim1=1, dim2=2)
+            cands = self._candidates(strategy, part)
+            nxt[sel] = cands.next_model(choose(cands, lam, expensive[sel], tie_tol=self.kernel.tie_tol))
+        return nxt
 
     def _step_store(self, strategy: Strategy, t: int) -> _StateStore:
         """The store a strategy reads at step t: candidates, or estimates for the thresholding cascade

@@ -233,3 +233,43 @@ def test_bisection_reuses_ranges_where_the_outcome_is_constant(setup, monkeypatc
             counts[reuse] = len(runs)
     assert [[f.strategy for f in fs] for fs in fits[True]] == [[f.strategy for f in fs] for fs in fits[False]]
     assert counts[True] < 0.8 * counts[False], counts
+
+
+class _HalfCorrelated(NoisyEstimator):
+    """Noisy estimates whose Σ is full (two models correlated) for the second half of the queries: batches
+    of states then come with diagonal or full Cholesky factors."""
+
+    def predict(self, features, rows, run):
+        est = super().predict(features, rows, run)
+        cov = est.cov.clone()
+        late = (rows >= features["cost"].shape[0] // 2) & ~run[:, 0] & ~run[:, 1]
+        shared = 0.5 * torch.minimum(cov[:, 0, 0], cov[:, 1, 1])
+        cov[:, 0, 1] = cov[:, 1, 0] = torch.where(late, shared, 0.0)
+        return type(est)(quality=est.quality, cost=est.cost, cov=cov)
+
+
+def test_states_with_diagonal_and_full_sigma_factors_share_a_store():
+    """Batches of states whose Σ factors differ in layout (standard deviations or full) go to one store;
+    the simulator still decides as the kernel step by step, and λ on a breakpoint (candidates rebuilt
+    from the cached factors) runs."""
+    table = random_table(60, 5, seed=4)
+    estimator = _HalfCorrelated("medium", seed=2).fit(table.train())
+    sim = Simulator(table, estimator, kernel=KERNEL, batch_size=8)
+    strategy = Strategy("cascade_routing", 3, lambdas=[30.0] * 3)
+    store = sim._candidate_store(strategy, 0)
+    nobody = torch.zeros(30, table.k, dtype=torch.bool)
+    store.lookup(torch.arange(30), nobody)  # the first half: every Σ diagonal
+    store.lookup(torch.arange(30, 60), nobody)  # the second: full factors, the store turns full
+    flags = store.rows["diagonal"].data
+    assert store.rows["factor"].data.dim() == 3 and bool(flags[:30].all()) and not bool(flags[30:].any())
+    for lam in (30.0, 400.0, 3000.0):
+        outcome = sim.run(strategy.replace(lambdas=[lam] * 3))
+        run, answer = step_by_step(table, estimator, strategy.replace(lambdas=[lam] * 3), False)
+        assert torch.equal(outcome.run, run) and torch.equal(outcome.answer, answer)
+    for query in (0, 45):  # a breakpoint of a diagonal and of a full state: those rows are rebuilt
+        slot = int(store.lookup(torch.tensor([query]), nobody[:1])[0])
+        own = store.lambdas.breaks[store.lambdas.offsets[slot]:store.lambdas.offsets[slot + 1]]
+        lam = float(own[own > 0][0])
+        _, sure, _ = store.lambdas.lookup(torch.tensor([slot]), lam, torch.zeros(1, dtype=torch.bool))
+        assert not bool(sure[0])
+        assert sim.run(strategy.replace(lambdas=[lam] * 3)).run[query].any()
