@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -137,13 +138,36 @@ def run_methods(
     longest_first = sorted(modes, key=lambda m: -_EXPECTED_WORK.get(m, 0))
     _SHARED = (train_sim, test_sim, budgets, config)
     try:
-        with multiprocessing.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:  # frees each method's caches
+        restore = _defer_interrupts()
+        try:
+            pool = multiprocessing.get_context("fork").Pool(workers, maxtasksperchild=1)  # frees each method's caches
+        finally:
+            interrupted = restore()
+        with pool:
+            if interrupted:
+                raise KeyboardInterrupt
             for mode, result, seconds in pool.imap_unordered(_run_shared, longest_first):
                 results[mode] = result
                 log(f"  {mode}: {len(budgets)} budgets calibrated and scored in {seconds:.1f}s (worker process)")
     finally:
         _SHARED = None
     return {mode: results[mode] for mode in modes}
+
+
+def _defer_interrupts():
+    """Hold a Ctrl-C (SIGINT) back while the main thread forks: raised inside a fork's at-fork hooks it would
+    leave `logging`'s lock held, and the next fork (the pool replaces each finished worker) would hang.
+    Returns a function that restores the handler and says whether an interrupt came meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: False
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+
+    def restore() -> bool:
+        signal.signal(signal.SIGINT, previous)
+        return bool(caught)
+
+    return restore
 
 
 def _other_threads() -> list[threading.Thread]:
