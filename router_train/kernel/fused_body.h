@@ -2,13 +2,30 @@
  * max of every candidate supermodel and its cost (VALUES_NAME), or also the choice among them (NAME),
  * fused in one pass per row so that nothing of size (rows x candidates x samples) is written to memory.
  *
- * Included by fused.c once per element type: REAL is the samples' type; NAME, VALUES_NAME and ROW_NAME
- * the functions' names.
+ * Included by fused.c once per element type: REAL is the samples' type, LANES the values summed per
+ * vector step; NAME, VALUES_NAME, ROW_NAME, HSUM, HALF, SCRATCH and SCRATCH_INIT the names it defines.
  * It computes what `build_candidates` + `choose` compute with the `levels` backend (same candidates in the
  * same order, the same parent + added recurrences for maxima and costs, exact singletons, the same tie
  * rule), walking the candidates depth first so that only one running-max vector per subset size is live.
  * Returns 0, or 1 when scratch memory cannot be allocated.
  */
+
+/* The sum of LANES values as a tree of halves: one vector add of the two halves, then pairwise (a serial
+ * chain of scalar adds per candidate would bound the kernel's speed). */
+typedef REAL HALF __attribute__((vector_size(LANES / 2 * sizeof(REAL))));
+
+static inline REAL HSUM(const REAL *a)
+{
+    HALF lo, hi;
+    memcpy(&lo, a, sizeof lo);
+    memcpy(&hi, a + LANES / 2, sizeof hi);
+    lo += hi;
+    REAL r[LANES / 2];
+    memcpy(r, &lo, sizeof r);
+    for (int w = LANES / 4; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) r[i] += r[i + w];
+    return r[0];
+}
 
 /* Scratch memory of one thread: free models' samples (padded), one running max per subset size. */
 typedef struct {
