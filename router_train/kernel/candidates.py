@@ -13,7 +13,7 @@ import torch
 
 from . import fused
 from .expected_max import absolute_masks, expected_max, sample_qualities
-from .subsets import SubsetTable, prefix_table, subset_table
+from .subsets import SubsetTable, prefix_table, run_masks, subset_table
 
 TIE_TOL = 1e-6
 """Two supermodels tie when their values `E[max] - λ cost` differ by at most this much."""
@@ -111,11 +111,9 @@ def build_candidates(
     table = (prefix_table if prefix_only else subset_table)(k - t, max_depth - t)
     comp = free_models(run)
     x = sample_qualities(quality, factor, z)
-    use_fused = method == "fused" or (method == "auto" and device.type == "cpu" and b > 0 and fused.available())
-    if use_fused:
+    if fused.applies(method, device, x.dtype):
         value, total_cost = fused.candidate_values(x, None if factor is None else quality, cost, run, table)
-        weights = torch.ones(k, dtype=torch.long) << torch.arange(k)
-        run_mask = (run.long() * weights).sum(1)
+        run_mask = run_masks(run)
     else:
         if t == 0:  # the same candidates for every row: compute their masks once
             masks = absolute_masks(run[:1], comp[:1], table).expand(b, -1)

@@ -11,7 +11,7 @@ from . import fused
 from .candidates import COST_RTOL, TIE_TOL, Candidates, build_candidates, choose
 from .expected_max import ZETA_MAX_MODELS, sample_qualities
 from .sobol import normal_samples
-from .subsets import count_subsets, subset_table
+from .subsets import count_subsets, run_masks, subset_table
 
 CHOLESKY_EPS = 1e-9
 """Jitter added to Σ's diagonal before its Cholesky factorization (Σ is ~0 for models already run)."""
@@ -90,13 +90,6 @@ def answer_models(quality: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
     masked = quality.to(torch.float64).masked_fill(~run, float("-inf"))
     best = masked.argmax(1)
     return torch.where(run.any(1), best, -1)
-
-
-def run_masks(run: torch.Tensor) -> torch.Tensor:
-    """Bitmask (int64) of each row of a `(B, k)` boolean run matrix."""
-    k = run.shape[1]
-    weights = torch.ones(k, dtype=torch.long, device=run.device) << torch.arange(k, device=run.device)
-    return (run.long() * weights).sum(1)
 
 
 def _check_inputs(quality, cost, run, strategy: Strategy) -> None:
@@ -224,15 +217,7 @@ def decide(
 def fused_applies(strategy: Strategy, config: KernelConfig, device: torch.device) -> bool:
     """Whether `decide` takes the fused C kernel: asked for (`fused`), or `auto` on CPU where it compiled.
     The cascades keep their own (prefix and threshold) paths."""
-    if strategy.mode in ("cascade", "threshold_cascade") or config.method in ("zeta", "levels"):
-        return False
-    if config.method == "fused":
-        if device.type != "cpu":
-            raise ValueError(f"KernelConfig.method 'fused' runs on CPU only, the inputs are on {device}; use 'auto'")
-        if not fused.available():
-            raise ValueError("KernelConfig.method 'fused' needs a working C compiler (set CC); use 'auto' to fall back")
-        return True
-    return device.type == "cpu" and config.dtype in (torch.float32, torch.float64) and fused.available()
+    return strategy.mode not in ("cascade", "threshold_cascade") and fused.applies(config.method, device, config.dtype)
 
 
 def fused_step(

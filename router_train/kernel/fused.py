@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .subsets import SubsetTable
+from .subsets import SubsetTable, run_masks
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = (_HERE / "fused.c", _HERE / "fused_body.h")
@@ -117,6 +117,28 @@ def available() -> bool:
     return library() is not None
 
 
+def applies(method: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a `KernelConfig.method` takes the fused kernel for tensors of `dtype` on `device`: `fused`
+    always (a clear error where it cannot run), `auto` on CPU for float32/64 where it compiled."""
+    if method == "fused":
+        if device.type != "cpu":
+            raise ValueError(f"KernelConfig.method 'fused' runs on CPU only, the inputs are on {device}; use 'auto'")
+        if dtype not in _FUNCTIONS:
+            raise ValueError(f"KernelConfig.method 'fused' takes float32 or float64, got {dtype}; use 'auto'")
+        if not available():
+            raise ValueError("KernelConfig.method 'fused' needs a working C compiler (set CC); use 'auto' to fall back")
+        return True
+    return method == "auto" and device.type == "cpu" and dtype in _FUNCTIONS and available()
+
+
+def _library() -> ctypes.CDLL:
+    """The compiled kernel, or a RuntimeError where it is unavailable (callers check `applies` first)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the fused kernel is unavailable (no working C compiler): use method 'levels' or 'zeta'")
+    return lib
+
+
 @functools.lru_cache(maxsize=128)
 def walk(table: SubsetTable) -> dict[str, torch.Tensor]:
     """The table's arrays as the C code reads them: a depth-first order of the subsets (each right after
@@ -130,13 +152,12 @@ def walk(table: SubsetTable) -> dict[str, torch.Tensor]:
         j = stack.pop()
         order.append(j)
         stack.extend(reversed(children[j]))
-    weights = torch.ones(table.n, dtype=torch.long) << torch.arange(table.n)
     return {
         "order": torch.tensor(order, dtype=torch.long),
         "size": table.size.contiguous(),
         "parent": table.parent.contiguous(),
         "added": table.added.contiguous(),
-        "rel": (table.bits.long() * weights).sum(1).contiguous(),
+        "rel": run_masks(table.bits).contiguous(),
     }
 
 
@@ -157,9 +178,7 @@ def _in_threads(rows: int, part) -> None:
 
 def _inputs(x: torch.Tensor, quality: torch.Tensor | None, cost: torch.Tensor, run: torch.Tensor, table: SubsetTable):
     """The library and the C functions' leading arguments (a tuple to pass on) for rows of one step."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the fused kernel is unavailable (no working C compiler): use method 'levels' or 'zeta'")
+    lib = _library()
     if x.dtype not in _FUNCTIONS:
         raise ValueError(f"the fused kernel takes float32 or float64 samples, got {x.dtype}")
     b, s, k = x.shape
@@ -225,9 +244,7 @@ def lambda_table_arrays(
     """`lambda_table._build_block` for B CPU states (B, w), each over its first `width[b]` columns:
     (breaks, offsets, pick, safe) as `LambdaTable` holds them, computed per state in C (O(width²) work and
     memory O(width) per thread, where the torch version holds (states, 2·width, width) tensors)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the fused kernel is unavailable (no working C compiler)")
+    lib = _library()
     b, w = value.shape
     value, cost = value.to(torch.float64).contiguous(), cost.to(torch.float64).contiguous()
     valid8, width = valid.to(torch.uint8).contiguous(), width.to(torch.long).contiguous()

@@ -57,12 +57,12 @@ class LambdaTable:
         if w > torch.iinfo(torch.int16).max:
             raise ValueError(f"a λ table holds at most {torch.iinfo(torch.int16).max} candidates per state, got {w}")
         width = valid.sum(1)
+        first = (valid == (torch.arange(w).unsqueeze(0) < width.unsqueeze(1))).all(1)  # valid columns first
         if value.device.type == "cpu" and fused.available():  # the same table, per state in C
-            first = valid == (torch.arange(w).unsqueeze(0) < width.unsqueeze(1))
-            looked_at = torch.where(first.all(1) & (width > 0), width, w)  # columns that can be picked
+            looked_at = torch.where(first & (width > 0), width, w)  # columns that can be picked
             return LambdaTable(*fused.lambda_table_arrays(
                 value, cost, valid, looked_at, tie_tol=tie_tol, cost_rtol=cost_rtol, safety=_SAFETY))
-        valid_first = bool((valid == (torch.arange(w).unsqueeze(0) < width.unsqueeze(1))).all())
+        valid_first = bool(first.all())
         group = (2 ** width.clamp(min=1).double().log2().ceil()).long().clamp(max=w)
         if not valid_first:
             group = torch.full((b,), w)

@@ -46,6 +46,13 @@ class SubsetTable:
         return slice(self.level_starts[s], self.level_starts[s + 1])
 
 
+def run_masks(run: torch.Tensor) -> torch.Tensor:
+    """Bitmask (int64) of each row of a `(B, k)` boolean membership matrix (a run set, a subset)."""
+    k = run.shape[1]
+    weights = torch.ones(k, dtype=torch.long, device=run.device) << torch.arange(k, device=run.device)
+    return (run.long() * weights).sum(1)
+
+
 def count_subsets(n: int, max_size: int) -> int:
     """Number of subsets of an n-set with at most `max_size` elements (the empty set included)."""
     return sum(math.comb(n, s) for s in range(0, min(n, max_size) + 1))
