@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import optuna
+import torch
 
 from .simulate import Simulator
 from .strategy import Strategy
@@ -61,21 +62,35 @@ class CalibrationConfig:
 
 
 @dataclass
+class RowOutcomes:
+    """Per training query, the outcome of its latest simulation in one strategy family and shape, and the
+    open range of `scale` around that simulation's in which the query's decisions, hence its outcome,
+    provably stay the same (`Outcome.ranges`)."""
+
+    cost: torch.Tensor  # (n,) float64
+    quality: torch.Tensor  # (n,) float64
+    low: torch.Tensor  # (n,) float64
+    high: torch.Tensor  # (n,) float64
+
+    @staticmethod
+    def empty(n: int) -> "RowOutcomes":
+        nothing = torch.full((n,), math.nan, dtype=torch.float64)  # no range contains a scale yet
+        return RowOutcomes(nothing.clone(), nothing.clone(), nothing.clone(), nothing.clone())
+
+    def unknown(self, scale: float) -> torch.Tensor:
+        """The queries whose outcome at `scale` no earlier simulation decided."""
+        return (~((self.low < scale) & (scale < self.high))).nonzero().squeeze(1)
+
+
+@dataclass
 class SweepMemo:
     """Simulations shared by the calibrations of a budget sweep: the mean cost and quality of each
-    simulated strategy, and per strategy family and shape the ranges of `scale` over which a simulation
-    proved the outcome constant (every decision stays; see `Outcome.stable`), so that a bisection step
-    inside one needs no simulation."""
+    simulated strategy, and per strategy family (at its neutral shape, which every budget's bisection
+    uses) the queries' latest outcomes with the ranges of `scale` over which they are proved, so that a
+    bisection step re-simulates only the queries whose decisions may change there."""
 
     outcomes: dict = field(default_factory=dict)  # Strategy (γ = 0) -> (mean cost, mean quality)
-    ranges: dict = field(default_factory=dict)  # (family key, shape) -> [(low, high, cost, quality), ...]
-
-    def known(self, key: tuple, scale: float) -> tuple[float, float] | None:
-        """Cost and quality at `scale` from a range that contains it, if any."""
-        for low, high, cost, quality in self.ranges.get(key, ()):
-            if low < scale < high:
-                return cost, quality
-        return None
+    rows: dict = field(default_factory=dict)  # (family key, shape) -> RowOutcomes
 
 
 class _Family:
@@ -90,17 +105,18 @@ class _Family:
         self.neutral = tuple([0.0 if self.threshold else 1.0] * self.n_params)
         self.key = (mode, max_depth, force_order, sigma_scale)
 
-    def scale_range(self, scale: float, shape: tuple[float, ...], stable) -> tuple[float, float]:
-        """The range of `scale` (with this shape) inside every per-step range of `stable` around `scale`."""
-        low, high = -math.inf, math.inf
-        for s, (lo, hi) in zip(shape, stable):
+    def scale_ranges(self, scale: float, shape: tuple[float, ...], ranges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query, the range of `scale` (with this shape) inside each of its per-step `ranges` (multipliers,
+        m, 2) around `scale`; (scale, scale) where that is empty."""
+        low = torch.full(ranges.shape[1:2], -math.inf, dtype=torch.float64)
+        high = torch.full_like(low, math.inf)
+        for s, rng in zip(shape, ranges):
             if self.threshold:  # θ_t = scale + s
-                low, high = max(low, lo - s), min(high, hi - s)
+                low, high = torch.maximum(low, rng[:, 0] - s), torch.minimum(high, rng[:, 1] - s)
             elif s > 0:  # λ_t = scale · s
-                low, high = max(low, lo / s), min(high, hi / s)
-        if not low < scale < high:
-            return scale, scale
-        return low, high
+                low, high = torch.maximum(low, rng[:, 0] / s), torch.minimum(high, rng[:, 1] / s)
+        inside = (low < scale) & (scale < high)
+        return torch.where(inside, low, scale), torch.where(inside, high, scale)
 
     def make(self, scale: float, shape: tuple[float, ...], gamma: float = 0.0) -> Strategy:
         if self.threshold:
@@ -151,19 +167,23 @@ def _calibrate_family(
     feasible: list[Fit] = []
 
     def measure(scale: float, shape: tuple[float, ...], bisecting: bool = False) -> tuple[float, float]:
-        """Mean cost and quality at (scale, shape); a bisection records and reuses the ranges of scale
-        over which a simulation's outcome is constant (the per-step search tries each shape once)."""
+        """Mean cost and quality at (scale, shape). A bisection keeps each query's latest outcome with the
+        range of scale proving it and re-simulates only the queries outside theirs (the per-step search
+        tries each shape once: whole simulations)."""
         strategy = family.make(scale, shape)
         if strategy not in memo.outcomes:
-            key = (family.key, shape)
-            known = memo.known(key, scale)
-            if known is None:
-                outcome = sim.run(strategy, track=bisecting)
-                known = (outcome.mean_cost, outcome.mean_quality)
-                low, high = family.scale_range(scale, shape, outcome.stable) if bisecting else (scale, scale)
-                if low < high:
-                    memo.ranges.setdefault(key, []).append((low, high, *known))
-            memo.outcomes[strategy] = known
+            if bisecting:
+                rows = memo.rows.setdefault((family.key, shape), RowOutcomes.empty(sim.n))
+                todo = rows.unknown(scale)
+                if todo.numel():
+                    outcome = sim.run(strategy, track=True, rows=None if todo.numel() == sim.n else todo)
+                    low, high = family.scale_ranges(scale, shape, outcome.ranges)
+                    rows.cost[todo], rows.quality[todo], rows.low[todo], rows.high[todo] = (
+                        outcome.cost, outcome.quality, low, high)
+                memo.outcomes[strategy] = (float(rows.cost.mean()), float(rows.quality.mean()))
+            else:
+                outcome = sim.run(strategy)
+                memo.outcomes[strategy] = (outcome.mean_cost, outcome.mean_quality)
         cost, quality = memo.outcomes[strategy]
         if cost <= budget:
             feasible.append(Fit(strategy, cost, quality))
@@ -178,6 +198,7 @@ def _calibrate_family(
         shape = _search_shape(measure, scale, budget, family, config)
         if shape != family.neutral:
             scale = _bisect(lambda s: measure(s, shape, True)[0], budget, family, config.bisect_iters)
+            memo.rows.pop((family.key, shape), None)  # this budget's own shape: its queries' outcomes are not reused
     crossing = _with_gamma(sim, family, scale, shape, budget)
     floor = config.min_spend * min(budget, crossing.cost)
     better = [f for f in feasible if f.quality > crossing.quality + 1e-9 and f.cost >= floor]

@@ -36,8 +36,8 @@ class Outcome:
     quality: torch.Tensor  # (n,) float64
     answer: torch.Tensor  # (n,) long
     run: torch.Tensor  # (n, k) bool
-    stable: tuple[tuple[float, float], ...] = ()  # if tracked, per multiplier λ_t (or threshold θ_t): the open
-    # range around its value in which every decision of this run, hence the whole outcome, stays the same
+    ranges: torch.Tensor | None = None  # if tracked, (multipliers, n, 2): per λ_t (or threshold θ_t) and query,
+    # the open range around its value in which every decision of that query, hence its outcome, stays the same
 
     @property
     def mean_cost(self) -> float:
@@ -311,9 +311,10 @@ class Simulator:
     def _next_models(
         self, strategy: Strategy, store: _StateStore, slots: torch.Tensor, lam: float, expensive: torch.Tensor,
         track: bool,
-    ) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next model (-1: stop) of each state at λ, from the λ table (rows whose λ is within rounding
-        distance of a breakpoint are decided by `choose`), and, if `track`, the range of λ keeping every decision."""
+        distance of a breakpoint are decided by `choose`), and, if `track`, per state the range of λ keeping
+        its decision."""
         nxt, sure, stable = store.lambdas.lookup(slots, lam, expensive, stable=track)
         unsure = (~sure).nonzero().squeeze(1)
         if unsure.numel():
@@ -324,36 +325,46 @@ class Simulator:
         self, store: _StateStore, target: _StateStore, slots: torch.Tensor, nxt: torch.Tensor, rows: torch.Tensor,
         run: torch.Tensor,
     ) -> torch.Tensor:
-        """Slots in `target` of the states reached from `slots` by running `nxt` (run: the new run sets of all queries)."""
+        """Slots in `target` of the states reached from `slots` by running `nxt` (rows: their queries; run: their
+        new run sets)."""
         flat = slots * self.k + nxt
         child = store.child.view(-1).index_select(0, flat).long()
         missing = (child < 0).nonzero().squeeze(1)
         if missing.numel():
-            found = target.lookup(rows[missing], run[rows[missing]])
+            found = target.lookup(rows[missing], run[missing])
             child[missing] = found
             store.child.view(-1)[flat[missing]] = found.to(torch.int32)
         return child
 
     # -- running strategies -----------------------------------------------------------------
-    def run(self, strategy: Strategy, expensive: bool | torch.Tensor = False, *, track: bool = False) -> Outcome:
-        """Run a strategy on every query with the given tie-break (all cheap, all expensive, or per query);
-        `track`: also find the ranges of the multipliers that keep the outcome (`Outcome.stable`).
+    def run(
+        self, strategy: Strategy, expensive: bool | torch.Tensor = False, *, track: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> Outcome:
+        """Run a strategy on every query (or the queries `rows`, in that order) with the given tie-break (all
+        cheap, all expensive, or per query of the table); `track`: also find per query the ranges of the
+        multipliers that keep its outcome (`Outcome.ranges`).
 
         Each query walks its states step by step: a state's decision comes from its cached λ table,
-        the next state from its cached pointer; only states never visited before are computed."""
+        the next state from its cached pointer; only states never visited before are computed. The work is
+        in the queries run, so calibration can re-run just those whose outcome may change."""
         n, k = self.n, self.k
         expensive = torch.as_tensor(expensive, dtype=torch.bool).expand(n)
+        if rows is not None:
+            expensive = expensive.index_select(0, rows)
+        rows = torch.arange(n) if rows is None else rows
         if strategy.mode in PREFIX_MODES:
-            return self._run_prefix(strategy, expensive, track)
-        run = torch.zeros(n, k, dtype=torch.bool)
-        active = torch.arange(n)
-        answer = torch.full((n,), -1, dtype=torch.long)
+            return self._run_prefix(strategy, rows, expensive, track)
+        m = rows.numel()
+        run = torch.zeros(m, k, dtype=torch.bool)
+        active = torch.arange(m)  # positions in `rows` of the queries still running
+        answer = torch.full((m,), -1, dtype=torch.long)
         depth = min(strategy.max_depth, k)
-        stable = [(-float("inf"), float("inf"))] * len(strategy.lambdas)
+        ranges = _unbounded(len(strategy.lambdas), m) if track else None
         store = self._step_store(strategy, 0)
         if store.root is None:
-            store.root = store.lookup(active, run)
-        slots = store.root
+            store.root = store.lookup(torch.arange(n), torch.zeros(n, k, dtype=torch.bool))
+        slots = store.root.index_select(0, rows)
         for t in range(depth + 1):
             if active.numel() == 0:
                 break
@@ -361,7 +372,9 @@ class Simulator:
                 answer[active] = store.data["answer"].index_select(0, slots)
                 break
             dear = expensive.index_select(0, active)
-            nxt, stable[t] = self._next_models(strategy, store, slots, strategy.lambdas[t], dear, track)
+            nxt, rng = self._next_models(strategy, store, slots, strategy.lambdas[t], dear, track)
+            if track:
+                ranges[t, active] = rng
             stop = nxt < 0
             if stop.any():
                 answer[active[stop]] = store.data["answer"][slots[stop]]
@@ -369,11 +382,15 @@ class Simulator:
                 active, slots, nxt = active[go], slots[go], nxt[go]
             run[active, nxt] = True
             target = self._step_store(strategy, t + 1)
-            slots = self._children(store, target, slots, nxt, active, run)
+            slots = self._children(store, target, slots, nxt, rows.index_select(0, active), run.index_select(0, active))
             store = target
-        cost = (self.table.cost * run).sum(1)
-        quality = self.table.quality.gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
-        return Outcome(cost=cost, quality=quality, answer=answer, run=run, stable=tuple(stable) if track else ())
+        return self._outcome(rows, run, answer, ranges)
+
+    def _outcome(self, rows: torch.Tensor, run: torch.Tensor, answer: torch.Tensor, ranges: torch.Tensor | None) -> Outcome:
+        """The realized cost and quality of the queries `rows` from the models they ran and their answers."""
+        cost = (self.table.cost.index_select(0, rows) * run).sum(1)
+        quality = self.table.quality.index_select(0, rows).gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return Outcome(cost=cost, quality=quality, answer=answer, run=run, ranges=ranges)
 
     # -- the cascades: every query's run sets are prefixes of the model order ---------------------
     def _prefix_states(self, strategy: Strategy) -> _PrefixStates:
@@ -409,47 +426,50 @@ class Simulator:
         self._prefix[key] = states
         return states
 
-    def _run_prefix(self, strategy: Strategy, expensive: torch.Tensor, track: bool) -> Outcome:
+    def _run_prefix(self, strategy: Strategy, rows: torch.Tensor, expensive: torch.Tensor, track: bool) -> Outcome:
         """A cascade run: the state after t models is the same for every path, so each step reads the
         decisions of the queries still running from the stacked prefix states (as `run` step by step,
         without walking state pointers); a query's answer is read once it stops."""
-        n, k = self.n, self.k
+        k = self.k
         states = self._prefix_states(strategy)
         depth = states.depth
         threshold = strategy.mode == "threshold_cascade"
-        steps = torch.full((n,), depth, dtype=torch.long)  # models run per query
-        active = torch.arange(n)
-        stable = [(-float("inf"), float("inf"))] * (depth - 1 if threshold else depth) if track else []
+        m = rows.numel()
+        steps = torch.full((m,), depth, dtype=torch.long)  # models run per query
+        active = torch.arange(m)  # positions in `rows` of the queries still running
+        ranges = _unbounded(len(strategy.thresholds if threshold else strategy.lambdas), m) if track else None
         for t in range(depth):
             if active.numel() == 0:
                 break
             dear = expensive.index_select(0, active)
+            queries = rows.index_select(0, active)
             if threshold:
                 if t == 0:
                     continue  # the first model always runs
-                quality = states.quality[t - 1].index_select(0, active)
+                quality = states.quality[t - 1].index_select(0, queries)
                 go = threshold_go(quality, strategy.thresholds[t - 1], dear, self.kernel.tie_tol)
                 if track:
-                    stable[t - 1] = _threshold_range(quality, strategy.thresholds[t - 1], self.kernel.tie_tol)
+                    ranges[t - 1, active] = _threshold_ranges(quality, strategy.thresholds[t - 1], self.kernel.tie_tol)
             else:
-                flags, sure, rng = states.tables[t].lookup(active, strategy.lambdas[t], dear, stable=track)
+                flags, sure, rng = states.tables[t].lookup(queries, strategy.lambdas[t], dear, stable=track)
                 unsure = (~sure).nonzero().squeeze(1)
                 if unsure.numel():  # λ within rounding distance of a breakpoint: `choose`
                     store = self._candidate_store(strategy, t)
-                    slots = states.slots[t].index_select(0, active[unsure])
+                    slots = states.slots[t].index_select(0, queries[unsure])
                     flags[unsure] = self._choose_next(strategy, store, slots, strategy.lambdas[t], dear[unsure]).ge(0).long()
                 go = flags.bool()
                 if track:
-                    stable[t] = rng
+                    ranges[t, active] = rng
             stop = (~go).nonzero().squeeze(1)
             if stop.numel():
                 steps[active[stop]] = t
                 active = active[go]
         run = torch.arange(k).unsqueeze(0) < steps.unsqueeze(1)
-        answer = steps - 1 if threshold else states.answers.gather(0, steps.unsqueeze(0)).squeeze(0)
-        cost = (self.table.cost * run).sum(1)
-        quality = self.table.quality.gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
-        return Outcome(cost=cost, quality=quality, answer=answer, run=run, stable=tuple(stable))
+        if threshold:
+            answer = steps - 1
+        else:
+            answer = states.answers.index_select(1, rows).gather(0, steps.unsqueeze(0)).squeeze(0)
+        return self._outcome(rows, run, answer, ranges)
 
     def expected(self, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-query expected (cost, quality) of a strategy that breaks ties expensively with probability γ."""
@@ -461,20 +481,24 @@ class Simulator:
         return (1 - g) * cheap.cost + g * dear.cost, (1 - g) * cheap.quality + g * dear.quality
 
 
-def _threshold_range(quality: torch.Tensor, theta: float, tie_tol: float) -> tuple[float, float]:
-    """Open range of θ around `theta` in which `threshold_go` decides every row as at `theta`: it
-    changes where q̂ - (1 - θ) crosses ±tie_tol (with a margin for rounding)."""
+def _unbounded(multipliers: int, m: int) -> torch.Tensor:
+    """Per multiplier and query the range (-inf, inf): a query that never reaches a step does not depend on it."""
     inf = float("inf")
-    if quality.numel() == 0:
-        return (-inf, inf)
-    ends = torch.cat([1.0 - quality - tie_tol, 1.0 - quality + tie_tol]).to(torch.float64)
+    return torch.tensor([-inf, inf], dtype=torch.float64).expand(multipliers, m, 2).clone()
+
+
+def _threshold_ranges(quality: torch.Tensor, theta: float, tie_tol: float) -> torch.Tensor:
+    """Per row, the open range of θ around `theta` in which `threshold_go` decides it as at `theta`: its
+    decision changes where q̂ - (1 - θ) crosses ±tie_tol (with a margin for rounding); (θ, θ) for a row
+    within that margin of a change."""
+    q = quality.to(torch.float64)
+    ends = torch.stack([1.0 - q - tie_tol, 1.0 - q + tie_tol], 1)  # (m, 2), ascending
     margin = 1e-9 * (1.0 + ends.abs())
-    if bool(((ends - theta).abs() <= margin).any()):
-        return (theta, theta)
-    below, above = ends < theta, ends > theta
-    low = float((ends + margin)[below].max()) if bool(below.any()) else -inf
-    high = float((ends - margin)[above].min()) if bool(above.any()) else inf
-    return (low, high)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    low = torch.where(ends < theta, ends + margin, -inf).amax(1)
+    high = torch.where(ends > theta, ends - margin, inf).amin(1)
+    near = ((ends - theta).abs() <= margin).any(1)
+    return torch.where(near.unsqueeze(1), theta, torch.stack([low, high], 1))
 
 
 def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

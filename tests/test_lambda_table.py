@@ -182,3 +182,31 @@ def test_breakpoints_below_lambda_are_counted_alike_for_few_and_many_states(seed
     for lam in [0.0, 55.5, 1e4, *table.breaks[:3].tolist()]:
         expected = [int((table.breaks[s:e] <= lam).sum()) for s, e in span[:, :2].tolist()]
         assert table._count_below(span, lam).tolist() == expected
+
+
+@pytest.mark.skipif(not fused.available(), reason="no working C compiler here: the torch lookup is the only one")
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 40))
+def test_the_c_lookup_is_the_torch_lookup(seed, looked_up):
+    """`lookup` runs in C where it compiled: the same picks, certainty and per-state ranges as the torch
+    code, at, beside and away from breakpoints, for either tie-break."""
+    rng = np.random.default_rng(seed)
+    b, w = int(rng.integers(1, 60)), int(rng.integers(1, 12))
+    value, cost, valid = tie_heavy(seed, b, w)
+    table = LambdaTable.build(value, cost, valid)
+    slots = torch.tensor(rng.integers(0, b, looked_up))
+    expensive = torch.tensor(rng.random(looked_up) < 0.5)
+    lams = [0.0, 1.0, 55.5, 1e4, 1e30]
+    for x in table.breaks[:6].tolist():
+        lams += [x, np.nextafter(x, np.inf), x * (1 - 1e-9)]
+    available = fused.available
+    for lam in (x for x in lams if x >= 0):
+        for stable in (False, True):
+            in_c = table.lookup(slots, lam, expensive, stable=stable)
+            try:
+                fused.available = lambda: False
+                in_torch = table.lookup(slots, lam, expensive, stable=stable)
+            finally:
+                fused.available = available
+            assert torch.equal(in_c[0], in_torch[0]) and torch.equal(in_c[1], in_torch[1])
+            assert (in_c[2] is None) == (not stable) and (not stable or torch.equal(in_c[2], in_torch[2]))

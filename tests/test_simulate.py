@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from estimators import NoisyEstimator
-from router_train.calibrate import CalibrationConfig, SweepMemo, calibrate, calibrate_sweep
+from router_train.calibrate import CalibrationConfig, RowOutcomes, SweepMemo, calibrate, calibrate_sweep
 from router_train.kernel import KernelConfig, decide
 from router_train.kernel.candidates import Candidates, choose
 from router_train.kernel.prune import prune
@@ -211,28 +211,62 @@ def test_uncapped_cascades_calibrate_with_29_models(mode):
     assert int(sim.run(fit.strategy).run.sum(1).max()) > 3
 
 
-def test_bisection_reuses_ranges_where_the_outcome_is_constant(setup, monkeypatch):
-    """A simulation's stable range of the scale stands in for simulations inside it: the same fits
-    with fewer simulations."""
+def test_bisection_resimulates_only_queries_whose_outcome_may_change(setup, monkeypatch):
+    """Each query's proved range of the scale stands in for its simulation inside it: the same fits, with
+    fewer queries simulated, and bisection steps that simulate a part of the queries only."""
     table, estimator, _ = setup
     costs = table.train().cost.mean(0)
     budgets = [float(costs[1] + f * (costs[3] - costs[1])) for f in (0.2, 0.5, 0.8)]
-    counts, fits = {}, {}
+    simulated, fits = {}, {}
     for reuse in (False, True):
         with monkeypatch.context() as patch:
             if not reuse:
-                patch.setattr(SweepMemo, "known", lambda self, key, scale: None)
+                patch.setattr(RowOutcomes, "unknown", lambda self, scale: torch.arange(self.cost.numel()))
             sim = Simulator(table.train(), estimator, kernel=KERNEL)
-            runs = []
+            sizes = []
             original = sim.run
-            patch.setattr(sim, "run", lambda *a, **k: runs.append(a[0]) or original(*a, **k))
+            patch.setattr(sim, "run", lambda *a, rows=None, **k: sizes.append(sim.n if rows is None else rows.numel())
+                          or original(*a, rows=rows, **k))
             fits[reuse] = [
                 calibrate_sweep(sim, mode, budgets, max_depth=3, config=CalibrationConfig(n_trials=4, seed=0))
                 for mode in ("routing", "threshold_cascade", "cascade", "cascade_routing")
             ]
-            counts[reuse] = len(runs)
+            simulated[reuse] = sizes
     assert [[f.strategy for f in fs] for fs in fits[True]] == [[f.strategy for f in fs] for fs in fits[False]]
-    assert counts[True] < 0.8 * counts[False], counts
+    assert [[(f.cost, f.quality) for f in fs] for fs in fits[True]] == [[(f.cost, f.quality) for f in fs] for fs in fits[False]]
+    assert sum(simulated[True]) < 0.5 * sum(simulated[False]), (sum(simulated[True]), sum(simulated[False]))
+    assert any(0 < size < table.train().n for size in simulated[True])
+
+
+@pytest.mark.parametrize("mode", ["routing", "threshold_cascade", "cascade", "cascade_routing"])
+def test_a_subset_of_queries_runs_as_in_the_whole_run(setup, mode):
+    """`run(rows=...)` gives those queries' outcomes of the whole run, and each query's tracked range holds:
+    inside it the query decides the same."""
+    table, estimator, _ = setup
+    train = table.train()
+    sim = Simulator(train, estimator, kernel=KERNEL)
+    if mode == "threshold_cascade":
+        strategy = Strategy(mode, 3, thresholds=[0.4, 0.6])
+    else:
+        lam = 1.0 / float(train.cost.mean(0)[2])
+        strategy = Strategy(mode, 1 if mode == "routing" else 3, lambdas=[lam] * (1 if mode == "routing" else 3))
+    whole = sim.run(strategy, track=True)
+    rows = torch.randperm(train.n, generator=torch.Generator().manual_seed(0))[: train.n // 3]
+    part = sim.run(strategy, track=True, rows=rows)
+    for name in ("cost", "quality", "answer", "run"):
+        assert torch.equal(getattr(part, name), getattr(whole, name)[rows]), name
+    assert torch.equal(part.ranges, whole.ranges[:, rows])
+    params = strategy.thresholds if mode == "threshold_cascade" else strategy.lambdas
+    low, high = whole.ranges[0, :, 0], whole.ranges[0, :, 1]
+    for side, bound in ((0, low), (1, high)):  # just inside each query's range of the first multiplier
+        finite = torch.isfinite(bound) & (bound != params[0])
+        probe = bound[finite][0] + (1e-7 if side == 0 else -1e-7) * (1 + abs(float(bound[finite][0])))
+        query = finite.nonzero()[0]
+        moved = list(params)
+        moved[0] = float(probe)
+        other = strategy.replace(**{"thresholds" if mode == "threshold_cascade" else "lambdas": moved})
+        again = sim.run(other, rows=query)
+        assert torch.equal(again.run, whole.run[query]) and torch.equal(again.answer, whole.answer[query])
 
 
 class _HalfCorrelated(NoisyEstimator):

@@ -147,3 +147,33 @@ int rt_lambda_table(int64_t begin, int64_t end, int64_t w, const double *value, 
     free(v); free(ends); free(never);
     return 0;
 }
+
+/* ---- λ table lookup (LambdaTable.lookup): per looked-up state r in [begin, end), the interval of its
+ * sorted breakpoints holding λ (a binary search for the count of breakpoints <= λ, as the torch code
+ * counts them), that interval's pick with the row's tie-break, whether λ lies inside its certain range,
+ * and (where range_out is given) that range, or (λ, λ) where the pick is uncertain. `span` holds per
+ * state (first breakpoint, end of its breakpoints, first interval). */
+int rt_lookup(int64_t begin, int64_t end, const int64_t *span, const double *breaks, const int16_t *pick,
+              const double *safe, const int64_t *slots, const uint8_t *expensive, double lam, int64_t *pick_out,
+              uint8_t *sure_out, double *range_out)
+{
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t *sp = span + 3 * slots[r];
+        int64_t lo = sp[0], hi = sp[1];
+        while (lo < hi) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (breaks[mid] <= lam) lo = mid + 1;
+            else hi = mid;
+        }
+        const int64_t at = sp[2] + (lo - sp[0]);
+        pick_out[r] = pick[2 * at + (expensive[r] ? 1 : 0)];
+        const double a = safe[2 * at], b = safe[2 * at + 1];
+        const int sure = a < lam && lam < b;
+        sure_out[r] = (uint8_t)sure;
+        if (range_out) {
+            range_out[2 * r] = sure ? a : lam;
+            range_out[2 * r + 1] = sure ? b : lam;
+        }
+    }
+    return 0;
+}

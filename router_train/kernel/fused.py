@@ -41,6 +41,8 @@ _TUNING = (("-march=native", "-mprefer-vector-width=256"), ("-march=native",), (
 2-core AVX-512 VM, 16 against 25 µs per decision); the last, plain `-O3`, builds anywhere."""
 MIN_ROWS_PER_THREAD = 64
 """Fewer rows than this per thread are not worth a thread."""
+MIN_LOOKUPS_PER_THREAD = 1 << 15
+"""A λ table lookup is a few memory reads per row: fewer rows than this per thread are not worth a thread."""
 _FUNCTIONS = {torch.float32: "rt_decide_f32", torch.float64: "rt_decide_f64"}
 _VALUES = {torch.float32: "rt_values_f32", torch.float64: "rt_values_f64"}
 
@@ -109,6 +111,8 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes = common + extra
     lib.rt_lambda_table.restype = ctypes.c_int
     lib.rt_lambda_table.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, dbl, dbl, dbl, ptr, ptr, ptr, ptr]
+    lib.rt_lookup.restype = ctypes.c_int
+    lib.rt_lookup.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, dbl, ptr, ptr, ptr]
     return lib
 
 
@@ -161,10 +165,10 @@ def walk(table: SubsetTable) -> dict[str, torch.Tensor]:
     }
 
 
-def _in_threads(rows: int, part) -> None:
-    """`part((begin, end))` over `rows` rows split into `torch.get_num_threads()` ranges, in threads (ctypes
-    releases the GIL); a MemoryError if a part could not allocate its scratch memory."""
-    threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+def _in_threads(rows: int, part, min_rows: int = MIN_ROWS_PER_THREAD) -> None:
+    """`part((begin, end))` over `rows` rows split into `torch.get_num_threads()` ranges of at least `min_rows`,
+    in threads (ctypes releases the GIL); a MemoryError if a part could not allocate its scratch memory."""
+    threads = max(1, min(torch.get_num_threads(), rows // min_rows))
     edges = [rows * i // threads for i in range(threads + 1)]
     parts = list(zip(edges[:-1], edges[1:]))
     if threads == 1:
@@ -264,3 +268,23 @@ def lambda_table_arrays(
     keep_interval, keep_break = slot <= state_count, slot < state_count
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), count.cumsum(0)])
     return breaks[keep_break], offsets, pick[keep_interval], safe[keep_interval]
+
+
+def lambda_lookup(
+    span: torch.Tensor, breaks: torch.Tensor, pick: torch.Tensor, safe: torch.Tensor, slots: torch.Tensor,
+    lam: float, expensive: torch.Tensor, stable: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`LambdaTable.lookup` of the states `slots` in one C pass per state (a binary search in its own
+    breakpoints, then its interval's pick and certain range), where the torch version makes a dozen passes
+    over the looked-up rows and counts over every breakpoint of the table."""
+    lib = _library()
+    m = slots.numel()
+    tensors = [span.contiguous(), breaks.contiguous(), pick.contiguous(), safe.contiguous(),
+               slots.to(torch.long).contiguous(), expensive.to(torch.uint8).contiguous()]
+    picked = torch.empty(m, dtype=torch.long)
+    sure = torch.empty(m, dtype=torch.uint8)
+    ranges = torch.empty(m, 2, dtype=torch.float64) if stable else None
+    out = ranges.data_ptr() if ranges is not None else None
+    _in_threads(m, lambda bounds: lib.rt_lookup(bounds[0], bounds[1], *(t.data_ptr() for t in tensors), float(lam),
+                                                picked.data_ptr(), sure.data_ptr(), out), MIN_LOOKUPS_PER_THREAD)
+    return picked, sure.bool(), ranges

@@ -97,12 +97,14 @@ class LambdaTable:
 
     def lookup(
         self, slots: torch.Tensor, lam: float, expensive: torch.Tensor, *, stable: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Pick of each state in `slots` at λ with its tie-break; whether that pick is certain (False: λ
         is within rounding distance of a breakpoint; decide that row with `choose`); and, if `stable`,
-        the open range of λ around `lam` in which every pick stays the same (just `lam` when some row
-        is uncertain; None otherwise)."""
+        per state the open range of λ around `lam` in which its pick stays the same ((lam, lam) where the
+        pick is uncertain; None otherwise)."""
         lam = float(lam)
+        if self.breaks.device.type == "cpu" and self.pick.dtype == torch.int16 and fused.available():
+            return fused.lambda_lookup(self.span, self.breaks, self.pick, self.safe, slots, lam, expensive, stable)
         span = self.span.index_select(0, slots)
         at = span[:, 2] + self._count_below(span, lam)
         picks = self.pick.index_select(0, at)
@@ -111,11 +113,7 @@ class LambdaTable:
         sure = (safe[:, 0] < lam) & (lam < safe[:, 1])
         if not stable:
             return pick, sure, None
-        if slots.numel() == 0:
-            return pick, sure, (-float("inf"), float("inf"))
-        if not bool(sure.all()):
-            return pick, sure, (lam, lam)
-        return pick, sure, (float(safe[:, 0].max()), float(safe[:, 1].min()))
+        return pick, sure, torch.where(sure.unsqueeze(1), safe, lam)
 
     def _count_below(self, span: torch.Tensor, lam: float) -> torch.Tensor:
         """Per looked-up state (its `span` rows), how many of its sorted breakpoints are <= λ. A few states
