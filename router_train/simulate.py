@@ -39,6 +39,11 @@ class Outcome:
     ranges: torch.Tensor | None = None  # if tracked, (multipliers, n, 2): per λ_t (or threshold θ_t) and query,
     # the open range around its value in which every decision of that query, hence its outcome, stays the same
 
+    @staticmethod
+    def cat(parts: list["Outcome"]) -> "Outcome":
+        """The outcomes (without ranges) of consecutive blocks of queries as one."""
+        return Outcome(*(torch.cat([getattr(p, f) for p in parts]) for f in ("cost", "quality", "answer", "run")))
+
     @property
     def mean_cost(self) -> float:
         return float(self.cost.mean())
@@ -139,10 +144,15 @@ class _StateStore:
         for name, value in data.items():
             self.rows.setdefault(name, _Rows()).append(value)
         self.children.append(torch.full((keys.numel(), self.k), -1, dtype=torch.int32))
-        keys_all = torch.cat([self.keys, keys])
-        slots_all = torch.cat([self.slots, torch.arange(start, start + keys.numel())])
-        order = keys_all.argsort()
-        self.keys, self.slots = keys_all[order], slots_all[order]
+        order = keys.argsort()  # merged into the sorted keys: work in the keys held, not a sort of them all
+        keys = keys[order]
+        at = torch.searchsorted(self.keys, keys) + torch.arange(keys.numel())  # the new keys' merged positions
+        old = torch.ones(start + keys.numel(), dtype=torch.bool)
+        old[at] = False
+        merged_keys, merged_slots = torch.empty_like(old, dtype=torch.long), torch.empty_like(old, dtype=torch.long)
+        merged_keys[at], merged_slots[at] = keys, start + order
+        merged_keys[old], merged_slots[old] = self.keys, self.slots
+        self.keys, self.slots = merged_keys, merged_slots
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -154,6 +164,9 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x, tail], 1)
 
 
+SIMULATION_BLOCK = 1 << 15
+"""Queries simulated together: a block's per-step tensors (a few hundred KiB) stay in the CPU's caches, so
+a simulation's time grows with the queries, without slowing down once they outgrow the caches."""
 TABLE_STATES = 1 << 15
 """States whose candidates are built (and turned into λ tables) at once: bounds that transient memory."""
 
@@ -347,20 +360,37 @@ class Simulator:
 
         Each query walks its states step by step: a state's decision comes from its cached λ table,
         the next state from its cached pointer; only states never visited before are computed. The work is
-        in the queries run, so calibration can re-run just those whose outcome may change."""
-        n, k = self.n, self.k
+        in the queries run, so calibration can re-run just those whose outcome may change; they run in
+        blocks of `SIMULATION_BLOCK`, whose per-step tensors stay in the CPU's caches."""
+        n = self.n
         expensive = torch.as_tensor(expensive, dtype=torch.bool).expand(n)
         if rows is not None:
             expensive = expensive.index_select(0, rows)
         rows = torch.arange(n) if rows is None else rows
-        if strategy.mode in PREFIX_MODES:
-            return self._run_prefix(strategy, rows, expensive, track)
+        prefix = strategy.mode in PREFIX_MODES
+        walk = self._run_prefix if prefix else self._run_states
+        multipliers = len(strategy.thresholds if strategy.mode == "threshold_cascade" else strategy.lambdas)
+        ranges = _unbounded(multipliers, rows.numel()) if track else None  # written block by block
+        blocks = [
+            walk(strategy, rows[i : i + SIMULATION_BLOCK], expensive[i : i + SIMULATION_BLOCK],
+                 None if ranges is None else ranges[:, i : i + SIMULATION_BLOCK])
+            for i in range(0, rows.numel(), SIMULATION_BLOCK)
+        ]
+        outcome = blocks[0] if len(blocks) == 1 else Outcome.cat(blocks)
+        outcome.ranges = ranges
+        return outcome
+
+    def _run_states(self, strategy: Strategy, rows: torch.Tensor, expensive: torch.Tensor,
+                    ranges: torch.Tensor | None) -> Outcome:
+        """A run of the queries `rows` that walks each one's states (any mode but the cascades); where `ranges`
+        is given, each query's range of every multiplier that keeps its decisions is written there."""
+        n, k = self.n, self.k
         m = rows.numel()
         run = torch.zeros(m, k, dtype=torch.bool)
         active = torch.arange(m)  # positions in `rows` of the queries still running
         answer = torch.full((m,), -1, dtype=torch.long)
         depth = min(strategy.max_depth, k)
-        ranges = _unbounded(len(strategy.lambdas), m) if track else None
+        track = ranges is not None
         store = self._step_store(strategy, 0)
         if store.root is None:
             store.root = store.lookup(torch.arange(n), torch.zeros(n, k, dtype=torch.bool))
@@ -384,13 +414,13 @@ class Simulator:
             target = self._step_store(strategy, t + 1)
             slots = self._children(store, target, slots, nxt, rows.index_select(0, active), run.index_select(0, active))
             store = target
-        return self._outcome(rows, run, answer, ranges)
+        return self._outcome(rows, run, answer)
 
-    def _outcome(self, rows: torch.Tensor, run: torch.Tensor, answer: torch.Tensor, ranges: torch.Tensor | None) -> Outcome:
+    def _outcome(self, rows: torch.Tensor, run: torch.Tensor, answer: torch.Tensor) -> Outcome:
         """The realized cost and quality of the queries `rows` from the models they ran and their answers."""
         cost = (self.table.cost.index_select(0, rows) * run).sum(1)
         quality = self.table.quality.index_select(0, rows).gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
-        return Outcome(cost=cost, quality=quality, answer=answer, run=run, ranges=ranges)
+        return Outcome(cost=cost, quality=quality, answer=answer, run=run)
 
     # -- the cascades: every query's run sets are prefixes of the model order ---------------------
     def _prefix_states(self, strategy: Strategy) -> _PrefixStates:
@@ -415,7 +445,8 @@ class Simulator:
                 continue
             answers.append(store.data["answer"][slot])
             if t < depth:  # each interval's pick as "go on" (1) or "stop" (0)
-                sub = store.lambdas.reorder(slot)
+                in_order = torch.equal(slot, torch.arange(store.lambdas.offsets.numel() - 1))
+                sub = store.lambdas if in_order else store.lambdas.reorder(slot)  # state r = query r
                 tables.append(LambdaTable(sub.breaks, sub.offsets, sub.pick.ge(0).to(torch.int16), sub.safe))
         states = _PrefixStates(depth=depth, slots=slots)
         if threshold:
@@ -426,7 +457,8 @@ class Simulator:
         self._prefix[key] = states
         return states
 
-    def _run_prefix(self, strategy: Strategy, rows: torch.Tensor, expensive: torch.Tensor, track: bool) -> Outcome:
+    def _run_prefix(self, strategy: Strategy, rows: torch.Tensor, expensive: torch.Tensor,
+                    ranges: torch.Tensor | None) -> Outcome:
         """A cascade run: the state after t models is the same for every path, so each step reads the
         decisions of the queries still running from the stacked prefix states (as `run` step by step,
         without walking state pointers); a query's answer is read once it stops."""
@@ -437,7 +469,7 @@ class Simulator:
         m = rows.numel()
         steps = torch.full((m,), depth, dtype=torch.long)  # models run per query
         active = torch.arange(m)  # positions in `rows` of the queries still running
-        ranges = _unbounded(len(strategy.thresholds if threshold else strategy.lambdas), m) if track else None
+        track = ranges is not None
         for t in range(depth):
             if active.numel() == 0:
                 break
@@ -469,7 +501,7 @@ class Simulator:
             answer = steps - 1
         else:
             answer = states.answers.index_select(1, rows).gather(0, steps.unsqueeze(0)).squeeze(0)
-        return self._outcome(rows, run, answer, ranges)
+        return self._outcome(rows, run, answer)
 
     def expected(self, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-query expected (cost, quality) of a strategy that breaks ties expensively with probability γ."""

@@ -307,3 +307,25 @@ def test_states_with_diagonal_and_full_sigma_factors_share_a_store():
         _, sure, _ = store.lambdas.lookup(torch.tensor([slot]), lam, torch.zeros(1, dtype=torch.bool))
         assert not bool(sure[0])
         assert sim.run(strategy.replace(lambdas=[lam] * 3)).run[query].any()
+
+
+@pytest.mark.parametrize("mode", ["routing", "threshold_cascade", "cascade", "cascade_routing"])
+def test_queries_simulated_in_small_blocks_give_the_whole_run(setup, mode, monkeypatch):
+    """Blocks of 7 queries (states first reached in a later block, stores grown block by block) give the
+    outcomes and ranges of one block, for all queries and for a subset."""
+    table, estimator, _ = setup
+    train = table.train()
+    if mode == "threshold_cascade":
+        strategy = Strategy(mode, 3, thresholds=[0.4, 0.6])
+    else:
+        lam = 1.0 / float(train.cost.mean(0)[2])
+        strategy = Strategy(mode, 1 if mode == "routing" else 3, lambdas=[lam] * (1 if mode == "routing" else 3))
+    rows = torch.randperm(train.n, generator=torch.Generator().manual_seed(1))[: train.n // 2]
+    whole = Simulator(train, estimator, kernel=KERNEL)
+    one = [whole.run(strategy, True, track=True), whole.run(strategy, track=True, rows=rows)]
+    monkeypatch.setattr(simulate, "SIMULATION_BLOCK", 7)
+    blocks = Simulator(train, estimator, kernel=KERNEL)
+    several = [blocks.run(strategy, True, track=True), blocks.run(strategy, track=True, rows=rows)]
+    for a, b in zip(one, several):
+        for name in ("cost", "quality", "answer", "run", "ranges"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
