@@ -83,6 +83,26 @@ class _Rows:
         return self.buffer[: self.size]
 
 
+class _LambdaRows:
+    """The λ tables of a store's states, grown batch of states by batch into spare capacity (`_Rows`) and
+    read as one `LambdaTable` of views: adding states costs their tables, not a copy of all so far."""
+
+    def __init__(self) -> None:
+        self.rows = {name: _Rows() for name in ("breaks", "offsets", "pick", "safe", "span")}
+        self.rows["offsets"].append(torch.zeros(1, dtype=torch.long))
+
+    def append(self, table: LambdaTable) -> None:
+        breaks, intervals = self.rows["breaks"].size, self.rows["pick"].size
+        self.rows["span"].append(table.span + torch.tensor([breaks, breaks, intervals]))
+        self.rows["offsets"].append(table.offsets[1:] + breaks)
+        for name in ("breaks", "pick", "safe"):
+            self.rows[name].append(getattr(table, name))
+
+    @property
+    def table(self) -> LambdaTable:
+        return LambdaTable(**{name: rows.data for name, rows in self.rows.items()})
+
+
 class _StateStore:
     """Tensors cached per state (row, run set) for one step t, found by a sorted key lookup and, from
     a state of the previous step, by a pointer per next model."""
@@ -95,12 +115,17 @@ class _StateStore:
         self.binom = torch.tensor([[math.comb(a, b) for b in range(k + 1)] for a in range(k)], dtype=torch.long)
         self.k, self.t = k, t
         self.compute = compute  # (rows, run) -> dict of per-state tensors
-        self.keys = torch.empty(0, dtype=torch.long)
-        self.slots = torch.empty(0, dtype=torch.long)
+        self.size = 0  # states held
+        self.levels: list[tuple[torch.Tensor, torch.Tensor]] = []  # sorted (keys, slots) runs, sizes shrinking
         self.rows: dict[str, _Rows] = {}  # per-state tensors by name
         self.children = _Rows()  # int32 slot in the next step's store after running model m; -1: not looked up
         self.root: torch.Tensor | None = None  # slots of (row, no model run) for every row, at t = 0
-        self.lambdas: LambdaTable | None = None  # next model (-1: stop) as a function of λ, per state
+        self.tables = _LambdaRows()  # next model (-1: stop) as a function of λ, per state (candidate stores)
+
+    @property
+    def lambdas(self) -> LambdaTable:
+        """The λ tables of the states so far, as one table."""
+        return self.tables.table
 
     def key(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         members = run.long()
@@ -109,11 +134,12 @@ class _StateStore:
         return rows * self.radix + rank
 
     def find(self, keys: torch.Tensor) -> torch.Tensor:
-        """Slot of each key, -1 where not cached."""
-        if self.keys.numel() == 0:
-            return torch.full_like(keys, -1)
-        pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
-        return torch.where(self.keys[pos] == keys, self.slots[pos], -1)
+        """Slot of each key, -1 where not cached: a binary search in each sorted run of keys."""
+        slots = torch.full_like(keys, -1)
+        for held, at in self.levels:
+            pos = torch.searchsorted(held, keys).clamp(max=held.numel() - 1)
+            slots = torch.where(held[pos] == keys, at[pos], slots)
+        return slots
 
     def lookup(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """Slots of the states (rows, run), computing the missing ones (each once)."""
@@ -138,21 +164,21 @@ class _StateStore:
         return self.children.data
 
     def add(self, keys: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
-        start = self.keys.numel()
+        """Hold new states (keys not held yet) with their data. Their keys become a sorted run, merged with the
+        last runs while those are at most twice as large (a log-structured merge: each key is merged
+        O(log S) times, where merging into one sorted array cost O(S) per batch of new states)."""
+        start = self.size
         if start + keys.numel() >= 2**31:  # the successor pointers are int32
             raise ValueError(f"more than 2^31 states cached at step {self.t}: simulate fewer queries at once")
         for name, value in data.items():
             self.rows.setdefault(name, _Rows()).append(value)
         self.children.append(torch.full((keys.numel(), self.k), -1, dtype=torch.int32))
-        order = keys.argsort()  # merged into the sorted keys: work in the keys held, not a sort of them all
-        keys = keys[order]
-        at = torch.searchsorted(self.keys, keys) + torch.arange(keys.numel())  # the new keys' merged positions
-        old = torch.ones(start + keys.numel(), dtype=torch.bool)
-        old[at] = False
-        merged_keys, merged_slots = torch.empty_like(old, dtype=torch.long), torch.empty_like(old, dtype=torch.long)
-        merged_keys[at], merged_slots[at] = keys, start + order
-        merged_keys[old], merged_slots[old] = self.keys, self.slots
-        self.keys, self.slots = merged_keys, merged_slots
+        self.size += keys.numel()
+        order = keys.argsort()
+        self.levels.append((keys[order], start + order))
+        while len(self.levels) > 1 and self.levels[-2][0].numel() <= 2 * self.levels[-1][0].numel():
+            newer, older = self.levels.pop(), self.levels.pop()
+            self.levels.append(_merge(older, newer))
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -262,7 +288,7 @@ class Simulator:
                 data["factor"] = torch.cat(factors)
                 data["diagonal"] = torch.full((data["run"].shape[0],), not full)  # the layout their table used
             table = self._next_model_table(strategy, data)
-            store.lambdas = table if store.lambdas is None else LambdaTable.cat([store.lambdas, table])
+            store.tables.append(table)
             return data
 
         store = self._stores[key] = _StateStore(self.k, t, self.n, compute)
@@ -531,6 +557,17 @@ def _threshold_ranges(quality: torch.Tensor, theta: float, tie_tol: float) -> to
     high = torch.where(ends > theta, ends - margin, inf).amin(1)
     near = ((ends - theta).abs() <= margin).any(1)
     return torch.where(near.unsqueeze(1), theta, torch.stack([low, high], 1))
+
+
+def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sorted runs of distinct (keys, slots) as one, in time linear in their sizes."""
+    at = torch.searchsorted(a[0], b[0]) + torch.arange(b[0].numel())  # b's keys' positions in the merged run
+    from_a = torch.ones(a[0].numel() + b[0].numel(), dtype=torch.bool)
+    from_a[at] = False
+    keys, slots = torch.empty(from_a.numel(), dtype=torch.long), torch.empty(from_a.numel(), dtype=torch.long)
+    keys[at], slots[at] = b
+    keys[from_a], slots[from_a] = a
+    return keys, slots
 
 
 def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

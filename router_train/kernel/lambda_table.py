@@ -36,10 +36,12 @@ class LambdaTable:
     offsets: torch.Tensor  # (S + 1,) long
     pick: torch.Tensor  # (P + S, 2) int16: column picked with the cheap / the expensive tie-break
     safe: torch.Tensor  # (P + S, 2) float64: open range of λ in which the picks are certain
+    span: torch.Tensor | None = None  # (S, 3) long: first breakpoint, end of breakpoints, first interval (from offsets)
 
     def __post_init__(self) -> None:
-        start, end = self.offsets[:-1], self.offsets[1:]
-        self.span = torch.stack([start, end, start + torch.arange(start.numel())], 1)  # breaks and interval base
+        if self.span is None:
+            start, end = self.offsets[:-1], self.offsets[1:]
+            self.span = torch.stack([start, end, start + torch.arange(start.numel())], 1)
 
     @staticmethod
     def build(
