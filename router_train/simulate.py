@@ -391,6 +391,9 @@ class Simulator:
         n = self.n
         expensive = torch.as_tensor(expensive, dtype=torch.bool).expand(n)
         if rows is not None:
+            if rows.dim() != 1 or rows.dtype != torch.long or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < n):
+                raise ValueError(f"rows must be a 1-D torch.long tensor of query indices in [0, {n}), got "
+                                 f"{rows.dtype} of shape {tuple(rows.shape)}")
             expensive = expensive.index_select(0, rows)
         rows = torch.arange(n) if rows is None else rows
         prefix = strategy.mode in PREFIX_MODES

@@ -256,6 +256,9 @@ def test_a_subset_of_queries_runs_as_in_the_whole_run(setup, mode):
     for name in ("cost", "quality", "answer", "run"):
         assert torch.equal(getattr(part, name), getattr(whole, name)[rows]), name
     assert torch.equal(part.ranges, whole.ranges[:, rows])
+    for bad in (torch.tensor([0, train.n]), torch.tensor([0.0, 1.0]), torch.zeros(2, 2, dtype=torch.long)):
+        with pytest.raises(ValueError, match="rows must be a 1-D torch.long tensor"):
+            sim.run(strategy, rows=bad)
     params = strategy.thresholds if mode == "threshold_cascade" else strategy.lambdas
     low, high = whole.ranges[0, :, 0], whole.ranges[0, :, 1]
     for side, bound in ((0, low), (1, high)):  # just inside each query's range of the first multiplier
