@@ -238,6 +238,14 @@ def test_bisection_resimulates_only_queries_whose_outcome_may_change(setup, monk
     assert any(0 < size < table.train().n for size in simulated[True])
 
 
+def mid_strategy(mode: str, table) -> Strategy:
+    """A strategy of `mode` at depth 3 (routing: 1) with a mid-range λ (θs 0.4, 0.6 for the thresholding cascade)."""
+    if mode == "threshold_cascade":
+        return Strategy(mode, 3, thresholds=[0.4, 0.6])
+    depth = 1 if mode == "routing" else 3
+    return Strategy(mode, depth, lambdas=[1.0 / float(table.cost.mean(0)[2])] * depth)
+
+
 @pytest.mark.parametrize("mode", ["routing", "threshold_cascade", "cascade", "cascade_routing"])
 def test_a_subset_of_queries_runs_as_in_the_whole_run(setup, mode):
     """`run(rows=...)` gives those queries' outcomes of the whole run, and each query's tracked range holds:
@@ -245,11 +253,7 @@ def test_a_subset_of_queries_runs_as_in_the_whole_run(setup, mode):
     table, estimator, _ = setup
     train = table.train()
     sim = Simulator(train, estimator, kernel=KERNEL)
-    if mode == "threshold_cascade":
-        strategy = Strategy(mode, 3, thresholds=[0.4, 0.6])
-    else:
-        lam = 1.0 / float(train.cost.mean(0)[2])
-        strategy = Strategy(mode, 1 if mode == "routing" else 3, lambdas=[lam] * (1 if mode == "routing" else 3))
+    strategy = mid_strategy(mode, train)
     whole = sim.run(strategy, track=True)
     rows = torch.randperm(train.n, generator=torch.Generator().manual_seed(0))[: train.n // 3]
     part = sim.run(strategy, track=True, rows=rows)
@@ -318,11 +322,7 @@ def test_queries_simulated_in_small_blocks_give_the_whole_run(setup, mode, monke
     outcomes and ranges of one block, for all queries and for a subset."""
     table, estimator, _ = setup
     train = table.train()
-    if mode == "threshold_cascade":
-        strategy = Strategy(mode, 3, thresholds=[0.4, 0.6])
-    else:
-        lam = 1.0 / float(train.cost.mean(0)[2])
-        strategy = Strategy(mode, 1 if mode == "routing" else 3, lambdas=[lam] * (1 if mode == "routing" else 3))
+    strategy = mid_strategy(mode, train)
     rows = torch.randperm(train.n, generator=torch.Generator().manual_seed(1))[: train.n // 2]
     whole = Simulator(train, estimator, kernel=KERNEL)
     one = [whole.run(strategy, True, track=True), whole.run(strategy, track=True, rows=rows)]
