@@ -287,8 +287,7 @@ class Simulator:
                         held.buffer = torch.diag_embed(held.buffer)  # their rows stay flagged `diagonal`
                 data["factor"] = torch.cat(factors)
                 data["diagonal"] = torch.full((data["run"].shape[0],), not full)  # the layout their table used
-            table = self._next_model_table(strategy, data)
-            store.tables.append(table)
+            self._next_model_tables(strategy, data, store.tables)
             return data
 
         store = self._stores[key] = _StateStore(self.k, t, self.n, compute)
@@ -306,10 +305,9 @@ class Simulator:
         width = max(p.value.shape[1] for p in parts)
         return Candidates.cat([_widen(p, width) for p in parts])
 
-    def _next_model_table(self, strategy: Strategy, data: dict[str, torch.Tensor]) -> LambdaTable:
-        """The λ table of states whose picks are next models (-1: stop) rather than candidate columns, built
-        `TABLE_STATES` states at a time so that their candidates never all exist at once."""
-        tables = []
+    def _next_model_tables(self, strategy: Strategy, data: dict[str, torch.Tensor], into: _LambdaRows) -> None:
+        """Append to `into` the λ tables of states whose picks are next models (-1: stop) rather than candidate
+        columns, built `TABLE_STATES` states at a time so that their candidates never all exist at once."""
         for i in range(0, data["run"].shape[0], TABLE_STATES):
             merged = self._candidates(strategy, {name: v[i : i + TABLE_STATES] for name, v in data.items()})
             table = LambdaTable.build(merged.value.to(torch.float64), merged.cost, merged.valid,
@@ -319,8 +317,7 @@ class Simulator:
             counts = table.offsets[1:] - table.offsets[:-1] + 1  # intervals per state
             state = torch.repeat_interleave(torch.arange(counts.numel()), counts)
             pick = nxt[state.unsqueeze(1), table.pick.long()].to(torch.int16)
-            tables.append(LambdaTable(table.breaks, table.offsets, pick, table.safe))
-        return tables[0] if len(tables) == 1 else LambdaTable.cat(tables)
+            into.append(LambdaTable(table.breaks, table.offsets, pick, table.safe))
 
     def _choose_next(self, strategy: Strategy, store: _StateStore, slots: torch.Tensor, lam: float,
                      expensive: torch.Tensor) -> torch.Tensor:
@@ -362,15 +359,16 @@ class Simulator:
 
     def _children(
         self, store: _StateStore, target: _StateStore, slots: torch.Tensor, nxt: torch.Tensor, rows: torch.Tensor,
-        run: torch.Tensor,
+        run: torch.Tensor, active: torch.Tensor,
     ) -> torch.Tensor:
-        """Slots in `target` of the states reached from `slots` by running `nxt` (rows: their queries; run: their
-        new run sets)."""
+        """Slots in `target` of the states reached from `slots` by running `nxt`; they belong to the queries
+        `rows[active]`, whose new run sets are `run[active]`."""
         flat = slots * self.k + nxt
         child = store.child.view(-1).index_select(0, flat).long()
         missing = (child < 0).nonzero().squeeze(1)
         if missing.numel():
-            found = target.lookup(rows[missing], run[missing])
+            at = active[missing]
+            found = target.lookup(rows[at], run[at])
             child[missing] = found
             store.child.view(-1)[flat[missing]] = found.to(torch.int32)
         return child
@@ -441,7 +439,7 @@ class Simulator:
                 active, slots, nxt = active[go], slots[go], nxt[go]
             run[active, nxt] = True
             target = self._step_store(strategy, t + 1)
-            slots = self._children(store, target, slots, nxt, rows.index_select(0, active), run.index_select(0, active))
+            slots = self._children(store, target, slots, nxt, rows, run, active)
             store = target
         return self._outcome(rows, run, answer)
 
@@ -474,8 +472,7 @@ class Simulator:
                 continue
             answers.append(store.data["answer"][slot])
             if t < depth:  # each interval's pick as "go on" (1) or "stop" (0)
-                in_order = torch.equal(slot, torch.arange(store.lambdas.offsets.numel() - 1))
-                sub = store.lambdas if in_order else store.lambdas.reorder(slot)  # state r = query r
+                sub = store.lambdas.reorder(slot)  # state r = query r
                 tables.append(LambdaTable(sub.breaks, sub.offsets, sub.pick.ge(0).to(torch.int16), sub.safe))
         states = _PrefixStates(depth=depth, slots=slots)
         if threshold:

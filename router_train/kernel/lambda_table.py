@@ -80,7 +80,10 @@ class LambdaTable:
         return LambdaTable.cat(parts).reorder(torch.argsort(torch.cat(rows)))
 
     def reorder(self, order: torch.Tensor) -> "LambdaTable":
-        """The table whose state i is this table's state `order[i]`."""
+        """The table whose state i is this table's state `order[i]` (this table itself, not a copy, where
+        `order` keeps every state in place)."""
+        if torch.equal(order, torch.arange(self.offsets.numel() - 1)):
+            return self
         span = self.span[order]  # start and end of the breakpoints, first interval
         count = span[:, 1] - span[:, 0]
         flat, flat_i = _segments(span[:, 0], count), _segments(span[:, 2], count + 1)
