@@ -276,7 +276,7 @@ def lambda_lookup(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`LambdaTable.lookup` of the states `slots` in one C pass per state (a binary search in its own
     breakpoints, then its interval's pick and certain range), where the torch version makes a dozen passes
-    over the looked-up rows and counts over every breakpoint of the table."""
+    over the looked-up rows (and, for many of them, one over every breakpoint of the table)."""
     lib = _library()
     m = slots.numel()
     tensors = [span.contiguous(), breaks.contiguous(), pick.contiguous(), safe.contiguous(),
