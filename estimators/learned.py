@@ -82,6 +82,7 @@ class LearnedEstimator(QualityEstimator):
         self.calibrator = ConfidenceCalibrator()
         self.scale = 1.0
         self.correlation = torch.ones(1, 1, 1)
+        self.posthoc = True  # the training table had answers or confidences: running a model can inform
         self.history: list[dict] = []
 
     # -- encoder and features ---------------------------------------------------------------
@@ -131,6 +132,7 @@ class LearnedEstimator(QualityEstimator):
         n_val = max(1, int(round(cfg.val_fraction * table.n)))
         val_rows, fit_rows = order[:n_val].sort().values, order[n_val:].sort().values
         answers = answer_features(table.answers, table.confidence, table.n, table.k)
+        self.posthoc = bool(answers.has_answer.any() or answers.has_confidence.any())
         quality = table.quality.float()
         source = self.source_index(table.sources)
         encoder = self._encoder()
@@ -194,7 +196,9 @@ class LearnedEstimator(QualityEstimator):
             raise RuntimeError("the estimator is not fitted: call fit() or LearnedEstimator.load()")
         device = self.net.readout.device
         answers = AnswerFeatures(*(features[f"answers.{f}"][rows].to(device) for f in _ANSWER_FIELDS))
-        run_d = run.to(device)
+        # no answers or confidences in training: running a model teaches nothing, every estimate stays ex-ante
+        seen = run if self.posthoc else torch.zeros_like(run)
+        run_d = seen.to(device)
         self.net.eval()
         source = features["source"][rows].to(device)
         prior = features["prior"][rows].to(device)
@@ -202,8 +206,8 @@ class LearnedEstimator(QualityEstimator):
         logits, hidden = self.net(features["embedding"][rows].to(device), answers, run_d, prior, calibrated, source)
         quality = torch.sigmoid(logits.double()).cpu()
         sigma = self.net.log_variance(hidden, run_d).mul(0.5).exp().double().cpu() * self.scale
-        sigma = sigma.masked_fill(run, 0.0)
-        t = run.sum(1).clamp(max=self.correlation.shape[0] - 1)
+        sigma = sigma.masked_fill(run, 0.0) if self.posthoc else torch.zeros_like(sigma)
+        t = seen.sum(1).clamp(max=self.correlation.shape[0] - 1)
         cov = sigma.unsqueeze(2) * self.correlation[t].double() * sigma.unsqueeze(1)
         cost_features = {n[5:]: v for n, v in features.items() if n.startswith("cost.")}
         return Estimate(quality=quality, cost=self.cost_model.predict(cost_features, rows, run), cov=cov)
@@ -238,6 +242,7 @@ class LearnedEstimator(QualityEstimator):
             "net": asdict(self.net.config),
             "encoder_identity": self._encoder().identity(),
             "cost": self.cost_model.config(),
+            "posthoc": self.posthoc,
         }
 
     @classmethod
@@ -283,6 +288,7 @@ class LearnedEstimator(QualityEstimator):
         est = cls(config, encoder)
         est.models = list(meta["models"])
         est.sources = list(meta["sources"])
+        est.posthoc = bool(meta.get("posthoc", True))  # exports before this field: post-hoc path on
         try:
             tensors = safetensors.torch.load(weights_path.read_bytes())
         except SafetensorError as e:

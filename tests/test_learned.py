@@ -189,3 +189,23 @@ def test_cells_without_confidence_or_answer_give_finite_estimates(trained):
     rows, run = states(test.n, test.k, seed=3)
     est = estimator.predict(estimator.featurize(test), rows, run)
     assert bool(torch.isfinite(est.quality).all() and torch.isfinite(est.cov).all())
+
+
+def test_without_answers_or_confidences_running_a_model_changes_no_estimate(tmp_path):
+    """Trained on a table with neither answers nor confidences (e.g. LLMRouter's), the post-hoc estimate of
+    every state is the ex-ante one and Σ is 0: cascade routing cannot pay for runs that reveal nothing."""
+    table = random_table(200, 4, seed=6)
+    table.answers, table.confidence = None, None
+    config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "cache", epochs=5)
+    estimator = LearnedEstimator(config).fit(table.train())
+    assert estimator.posthoc is False
+    test = table.test()
+    rows, run = states(test.n, test.k, seed=4)
+    features = estimator.featurize(test)
+    est = estimator.predict(features, rows, run)
+    ex_ante = estimator.predict(features, rows, torch.zeros_like(run))
+    assert bool(run.any()) and torch.equal(est.quality, ex_ante.quality)
+    assert bool((est.cov == 0).all())
+    estimator.save(tmp_path / "export")
+    assert LearnedEstimator.load(tmp_path / "export").posthoc is False
+    assert json.loads((tmp_path / "export" / "estimator.json").read_text())["posthoc"] is False
