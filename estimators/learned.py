@@ -10,6 +10,9 @@
   router can make below the depth cap); on held-back rows its scale is calibrated so that intervals
   q̂ ± z·σ cover that move at the stated rate, and correlations of the moves per run-set size give the
   off-diagonal terms.
+- Trained on a table with neither answers nor confidences, running a model reveals nothing: every
+  estimate stays the ex-ante one and Σ is 0 (`posthoc: false` in the export), so cascade routing
+  decides as routing does instead of paying for runs that cannot change an estimate.
 - Saved as `estimator.safetensors` (all tensors) + `estimator.json` (config), like a peft adapter.
 """
 
