@@ -9,7 +9,7 @@ training split, cheap because the simulator caches all λ-independent work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import optuna
@@ -217,12 +217,27 @@ def calibrate_sweep(
     force_order: bool = False,
     config: CalibrationConfig = CalibrationConfig(),
 ) -> list[Fit]:
-    """One calibrated strategy per budget; simulations are shared between budgets."""
+    """One calibrated strategy per budget; simulations are shared between budgets.
+
+    For the modes that use Σ, one of `config.sigma_scales` for the whole sweep: the one whose strategies
+    have the highest mean quality over the budgets (the first listed on a tie). Choosing it budget by
+    budget keeps the luckiest of several noisy fits at each budget (5 rlc_train splits, learned
+    estimators: cascade routing's test AUC 88.13 that way, 88.31 with one multiplier per sweep).
+    """
     memo = SweepMemo()
-    return [
-        calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=config, memo=memo)
-        for b in budgets
-    ]
+    scales = config.sigma_scales if mode in SIGMA_MODES else (1.0,)
+    best: list[Fit] = []
+    for scale in scales:
+        one = replace(config, sigma_scales=(scale,))
+        fits = [calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=one, memo=memo)
+                for b in budgets]
+        if not best or _mean_quality(fits) > _mean_quality(best) + 1e-12:
+            best = fits
+    return best
+
+
+def _mean_quality(fits: list[Fit]) -> float:
+    return sum(f.quality for f in fits) / max(len(fits), 1)
 
 
 def _bisect(cost_of: Callable[[float], float], budget: float, family: _Family, iters: int) -> float:

@@ -197,6 +197,26 @@ def test_calibrating_sigma_scales_keeps_the_best(setup):
     assert float(quality.mean()) == pytest.approx(several.quality, rel=1e-9)
 
 
+def test_a_sweep_keeps_one_sigma_scale_the_one_with_the_best_mean_quality(setup):
+    """Over a budget sweep, one Σ multiplier for every budget (per budget, the luckiest of several noisy fits
+    would win): the sweep is that multiplier's own sweep, and no other multiplier's has a higher mean quality."""
+    table, estimator, _ = setup
+    sim = Simulator(table.train(), estimator, kernel=KERNEL)
+    costs = table.train().cost.mean(0)
+    budgets = [float(costs[0] + f * (costs[-1] - costs[0])) for f in np.linspace(0.05, 0.9, 8)]
+    scales = (0.0, 1.0, 4.0)
+    for mode in ("cascade_routing", "cascade"):
+        fits = calibrate_sweep(sim, mode, budgets, max_depth=3, config=CalibrationConfig(n_trials=2, sigma_scales=scales))
+        chosen = {f.strategy.sigma_scale for f in fits}
+        assert len(chosen) == 1
+        alone = {s: calibrate_sweep(sim, mode, budgets, max_depth=3, config=CalibrationConfig(n_trials=2, sigma_scales=(s,)))
+                 for s in scales}
+        (scale,) = chosen
+        assert [f.strategy for f in fits] == [f.strategy for f in alone[scale]]
+        mean = {s: np.mean([f.quality for f in alone[s]]) for s in scales}
+        assert mean[scale] >= max(mean.values()) - 1e-12
+
+
 @pytest.mark.parametrize("mode", ["threshold_cascade", "cascade"])
 def test_uncapped_cascades_calibrate_with_29_models(mode):
     """k = 29, uncapped (TPE over 28 thresholds or 29 λs): the fit keeps to the budget and runs
