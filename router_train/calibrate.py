@@ -151,7 +151,7 @@ def calibrate(
     if mode == "routing":
         max_depth = 1
     memo = SweepMemo() if memo is None else memo
-    scales = config.sigma_scales if mode in SIGMA_MODES else (1.0,)
+    scales = _sigma_scales(mode, config)
     fits = [
         _calibrate_family(sim, _Family(mode, max_depth, force_order, budget, scale), budget, config, memo)
         for scale in scales
@@ -225,7 +225,7 @@ def calibrate_sweep(
     estimators: cascade routing's test AUC 88.13 that way, 88.31 with one multiplier per sweep).
     """
     memo = SweepMemo()
-    scales = config.sigma_scales if mode in SIGMA_MODES else (1.0,)
+    scales = _sigma_scales(mode, config)
     best: list[Fit] = []
     for scale in scales:
         one = replace(config, sigma_scales=(scale,))
@@ -234,6 +234,11 @@ def calibrate_sweep(
         if not best or _mean_quality(fits) > _mean_quality(best) + 1e-12:
             best = fits
     return best
+
+
+def _sigma_scales(mode: str, config: CalibrationConfig) -> tuple[float, ...]:
+    """The Σ multipliers calibrated for `mode` (one neutral value for the modes without Σ)."""
+    return config.sigma_scales if mode in SIGMA_MODES else (1.0,)
 
 
 def _mean_quality(fits: list[Fit]) -> float:

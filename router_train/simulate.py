@@ -394,8 +394,7 @@ class Simulator:
                                  f"{rows.dtype} of shape {tuple(rows.shape)}")
             expensive = expensive.index_select(0, rows)
         rows = torch.arange(n) if rows is None else rows
-        prefix = strategy.mode in PREFIX_MODES
-        walk = self._run_prefix if prefix else self._run_states
+        walk = self._run_prefix if strategy.mode in PREFIX_MODES else self._run_states
         multipliers = len(strategy.thresholds if strategy.mode == "threshold_cascade" else strategy.lambdas)
         ranges = _unbounded(multipliers, rows.numel()) if track else None  # written block by block
         blocks = [
