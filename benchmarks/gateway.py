@@ -10,9 +10,11 @@ serves every model of the checkpoint on loopback, in its own process; the gatewa
 generator: `c` clients, each on its own keep-alive connection, send requests one after another, each
 with a new query. Per request, overhead = gateway latency − the time of its backend calls (the `router`
 object's `latency_ms`, measured by the gateway around each call): HTTP handling, validation, waiting to
-be batched, `route_batch` (encoder, estimator, kernel) at every step. Printed: p50 / p99 of the direct
-backend latency, the gateway latency and the overhead, the mean number of calls per request, throughput
-and errors.
+be batched, `route_batch` (encoder, estimator, kernel) at every step. The same load naming one model of
+the pool instead of the router (routing bypassed: the same HTTP server, validation and backend client,
+one call) gives the *bypass* overhead: the floor set by the serving stack itself on this machine.
+Printed: p50 / p99 of the direct backend latency, the gateway latency, the overhead and the bypass
+overhead, the mean number of calls per request, throughput and errors.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return 1000 * cuts[49], 1000 * cuts[98]
 
 
+def overheads(answered: list[tuple[float, dict]]) -> list[float]:
+    """Per request: its latency minus the backend calls the gateway timed (the `router` object's)."""
+    return [s - sum(c["latency_ms"] for c in body["router"]["calls"]) / 1000 for s, body in answered]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; checkpoint {args.checkpoint} "
           f"({len(manifest['models'])} models); latencies in ms")
     print("| concurrent | direct p50 | direct p99 | gateway p50 | gateway p99 | overhead p50 | overhead p99 "
-          "| calls/request | requests/s | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| bypass overhead p50 | bypass overhead p99 | calls/request | requests/s | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     try:
         for level in [int(x) for x in args.levels.split(",")]:
             per_client = max(1, (200 if level == 1 else args.requests) // level)
@@ -157,21 +164,24 @@ def main(argv: list[str] | None = None) -> dict:
 
             asyncio.run(load(port, "/v1/chat/completions", lambda i: chat(i, "warm"), min(level, 64), 2))
             baseline = asyncio.run(load(fake_port, "/v1/chat/completions", direct, level, per_client))
+            bypassed = [(s, b) for s, b in asyncio.run(load(port, "/v1/chat/completions", direct, level, per_client))
+                        if b is not None]
             start = time.perf_counter()
             routed = asyncio.run(load(port, "/v1/chat/completions", chat, level, per_client))
             wall = time.perf_counter() - start
             ok = [(s, body) for s, body in routed if body is not None]
-            overhead = [s - sum(c["latency_ms"] for c in body["router"]["calls"]) / 1000 for s, body in ok]
             row = {
                 "concurrent": level, "requests": len(routed), "errors": len(routed) - len(ok),
                 "direct": percentiles([s for s, b in baseline if b is not None]),
-                "gateway": percentiles([s for s, _ in ok]), "overhead": percentiles(overhead),
+                "gateway": percentiles([s for s, _ in ok]), "overhead": percentiles(overheads(ok)),
+                "bypass_overhead": percentiles(overheads(bypassed)),
                 "calls_per_request": statistics.mean(len(b["router"]["calls"]) for _, b in ok),
                 "requests_per_s": len(routed) / wall,
             }
             rows.append(row)
             print(f"| {level} | {row['direct'][0]:.1f} | {row['direct'][1]:.1f} | {row['gateway'][0]:.1f} | "
                   f"{row['gateway'][1]:.1f} | {row['overhead'][0]:.1f} | {row['overhead'][1]:.1f} | "
+                  f"{row['bypass_overhead'][0]:.1f} | {row['bypass_overhead'][1]:.1f} | "
                   f"{row['calls_per_request']:.2f} | {row['requests_per_s']:.0f} | {row['errors']} |", flush=True)
     finally:
         gateway.terminate()
