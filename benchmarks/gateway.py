@@ -104,9 +104,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(checkpoint: str, backends: Path, port: int) -> subprocess.Popen:
+def start_gateway(checkpoint: str, backends: Path, port: int, workers: int = 1) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "router_train.serve", "--checkpoint", checkpoint,
-                                "--backends", str(backends), "--port", str(port), "--threads", "1"], cwd=ROOT,
+                                "--backends", str(backends), "--port", str(port), "--threads", "1",
+                                "--workers", str(workers)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend-concurrency", type=int, default=32, help="calls in flight per model")
     p.add_argument("--budget", type=float, help="USD per query (default: the gateway's, mid-range); a higher "
                    "budget makes longer cascades")
+    p.add_argument("--workers", type=int, default=1, help="gateway processes (`serve --workers`)")
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
     manifest = json.loads((Path(args.checkpoint) / "manifest.json").read_text())
@@ -140,12 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
         "models": {m: {"base_url": fake.url + "/v1", "model": m, "price_in": 0.2, "price_out": 0.2}
                    for m in manifest["models"]}}))
     port = free_port()
-    gateway = start_gateway(args.checkpoint, backends, port)
+    gateway = start_gateway(args.checkpoint, backends, port, args.workers)
     router_id = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
     fake_port = int(fake.url.rsplit(":", 1)[1])
     rows = []
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; checkpoint {args.checkpoint} "
-          f"({len(manifest['models'])} models); latencies in ms")
+          f"({len(manifest['models'])} models), {args.workers} gateway worker(s); latencies in ms")
     print("| concurrent | direct p50 | direct p99 | gateway p50 | gateway p99 | overhead p50 | overhead p99 "
           "| bypass overhead p50 | bypass overhead p99 | calls/request | requests/s | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         gateway.terminate()
         gateway.wait(30)
         fake.stop()
-    result = {"checkpoint": args.checkpoint, "budget": args.budget, "cpus": os.cpu_count(), "levels": rows}
+    result = {"checkpoint": args.checkpoint, "budget": args.budget, "workers": args.workers, "cpus": os.cpu_count(),
+              "levels": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

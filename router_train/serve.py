@@ -2,7 +2,7 @@
 cascade gateway.
 
     python -m router_train.serve --checkpoint checkpoints/default [--backends configs/backends.yaml]
-        [--host 127.0.0.1 --port 8000]
+        [--host 127.0.0.1 --port 8000] [--workers N]
 
 - `POST /route_batch` with `{"queries": [...], "observed"?: [[{"model", "answer"?, "confidence"?,
   "tokens_out"?, "cost"?}, ...], ...], "budget"?: float, "mode"?: str, "sources"?: [...]}` answers
@@ -25,6 +25,8 @@ import asyncio
 import functools
 import json
 import math
+import os
+import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.supervisors import Multiprocess
 
 from .api import ChatCompletionRequest, RouteBatchRequest, RouteBatchResponse
 from .backends import Backends, load_backends
@@ -303,6 +306,28 @@ def make_app(
     return RequestMetrics(BodyReader(app, max_body, body_timeout), telemetry, endpoints)
 
 
+WORKER_ARGS = "ROUTER_TRAIN_SERVE_ARGS"
+"""Environment variable through which `--workers` hands the parsed arguments to each worker process."""
+
+
+def build_app(args: argparse.Namespace):
+    """The app the command-line arguments describe: the checkpoint, its backends and the server's caps."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    router = CascadeRouter.load(
+        args.checkpoint, device=args.device, budget=args.budget, mode=args.mode, quantize=args.quantize
+    )
+    backends = load_backends(args.backends, router.models) if args.backends else None
+    return make_app(router, backends, model_id=args.model_id, max_wait=args.max_wait_ms / 1000,
+                    max_queries=args.max_queries, max_body=int(args.max_body_mb * 2**20))
+
+
+def worker_app():
+    """One worker's app under `--workers N` (uvicorn imports it in each process): built from the arguments
+    the parent checked and passed in the environment."""
+    return build_app(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])))
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -316,24 +341,51 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quantize", choices=["int8"], help="int8: a dynamically quantized encoder, faster on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when sharing the CPU)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port, each with its own copy of the router and its own "
+                        "batches (the gateway is CPU-bound: about one per core); /metrics then counts per worker")
     p.add_argument("--model-id", help="the router's model id in /v1 (default: router-train/<checkpoint name>)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a request may wait for others to batch with")
     p.add_argument("--max-queries", type=int, default=MAX_QUERIES, help="most queries per /route_batch request")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY / 2**20, help="largest request body (MiB)")
     add_debug_flag(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     with user_errors(args.debug):
-        router = CascadeRouter.load(
-            args.checkpoint, device=args.device, budget=args.budget, mode=args.mode, quantize=args.quantize
-        )
-        backends = load_backends(args.backends, router.models) if args.backends else None
-        app = make_app(router, backends, model_id=args.model_id, max_wait=args.max_wait_ms / 1000,
-                       max_queries=args.max_queries, max_body=int(args.max_body_mb * 2**20))
-    what = "POST /route_batch" + (", POST /v1/chat/completions" if backends else "")
-    print(f"serving {Path(args.checkpoint)} on http://{args.host}:{args.port} ({what})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, backlog=2048)
+        app = build_app(args)  # with several workers too: a bad checkpoint or backends file fails here, once
+    what = "POST /route_batch" + (", POST /v1/chat/completions" if args.backends else "")
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
+    print(f"serving {Path(args.checkpoint)} on http://{args.host}:{args.port} ({what}{workers})", flush=True)
+    options = dict(host=args.host, port=args.port, log_level="warning", access_log=False, backlog=2048)
+    if args.workers == 1:
+        uvicorn.run(app, **options)
+        return
+    del app
+    with user_errors(args.debug):
+        sock = listening_socket(args.host, args.port)
+    os.environ[WORKER_ARGS] = json.dumps(vars(args))
+    config = uvicorn.Config("router_train.serve:worker_app", factory=True, workers=args.workers, **options)
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    except KeyboardInterrupt:
+        pass
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The TCP socket the workers share, created with its protocol number so that asyncio sets TCP_NODELAY
+    on every connection it accepts (uvicorn's own socket lacks it, and replies then wait ~40 ms for
+    delayed ACKs)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             proto=socket.IPPROTO_TCP)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host or --port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

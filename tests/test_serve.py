@@ -1,14 +1,19 @@
 """The HTTP server (/route_batch) over real loopback sockets: same decisions as in process, batching under
 1,000 concurrent requests, errors as 4xx with a message, a bad request failing alone, health, metrics and
-a valid OpenAPI document."""
+a valid OpenAPI document; `--workers` processes sharing one port."""
 
+import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from http_fakes import ServerThread
@@ -16,7 +21,9 @@ from openapi_spec_validator import validate
 
 from router_train import CascadeRouter
 from router_train.router import OBSERVATION_FIELDS
-from router_train.serve import make_app
+from router_train.serve import listening_socket, main, make_app
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +187,99 @@ def test_unknown_endpoints_are_404_with_a_message(served):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/v1/chat/completions", data=b"{}", timeout=10)
     assert e.value.code == 404 and "no endpoint POST /v1/chat/completions" in json.loads(e.value.read())["error"]["message"]
+
+
+def _workers(pid: int) -> list[int]:
+    """Live worker processes of the server `pid`: its children started by multiprocessing's spawn (Linux /proc;
+    the resource tracker, also a child, is not one)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(parent) == pid and state != "Z" and spawned:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts worker processes through Linux /proc")
+def test_workers_share_the_port_and_answer_as_in_process(tiny_export):
+    """`--workers 2`: two server processes behind one port, decisions as in process, a clean shutdown."""
+    router = CascadeRouter.load(tiny_export)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "router_train.serve", "--checkpoint", str(tiny_export),
+                                "--port", str(port), "--workers", "2", "--threads", "1"],
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while len(_workers(process.pid)) < 2 or not _healthy(url):
+            assert process.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "two workers did not come up within 120 s"
+            time.sleep(0.2)
+        assert "2 workers" in process.stdout.readline()
+        queries = [f"question {i} about the cat" for i in range(64)]
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda q: post(url, {"queries": [q]}), queries))
+        assert [status for status, _ in results] == [200] * 64
+        assert [body["decisions"][0] for _, body in results] == [d.to_dict() for d in router.route_batch(queries)]
+        workers = _workers(process.pid)
+    finally:
+        process.terminate()
+        process.wait(60)
+    assert len(workers) == 2 and not any(_alive(w) for w in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_the_workers_socket_disables_nagle_on_every_connection():
+    """Replies are written in two parts (head, body); without TCP_NODELAY the second waits ~40 ms for the
+    client's delayed ACK. asyncio sets it on accepted connections only when the listening socket carries
+    its protocol number, which `listening_socket` gives it."""
+    sock = listening_socket("127.0.0.1", 0)
+    seen: list[int] = []
+
+    async def main() -> None:
+        def accepted(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0
+
+
+def test_a_taken_port_is_a_clear_error(tiny_export, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", str(tiny_export), "--port", str(port), "--workers", "2"])
+    assert exit_info.value.code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
