@@ -13,8 +13,9 @@
   found; the estimator treats a missing confidence as unknown.
 - `features(body, backend, extractor, latency_ms)` makes a `CallResult` from an OpenAI chat completion
   body: tokens from `usage`, cost from the backend's prices.
-- `Pool` calls the backends' `/chat/completions` with the `openai` client (async; its generic `post`,
-  so backend-specific fields pass through and no time goes to typing each call), log-probabilities requested, at most
+- `Pool` calls the backends' `/chat/completions` with the `openai` client (async, over its aiohttp
+  transport; its generic `post`, so backend-specific fields pass through and no time goes to typing
+  each call), log-probabilities requested, at most
   `concurrency` calls in flight per model, optionally retrying 429 / 5xx / connection errors with
   exponential backoff; failures raise `BackendError` naming the model.
 """
@@ -177,7 +178,21 @@ def _retry_after(error: Exception) -> float | None:
         return None
 
 
+def _refused(error: BaseException) -> OSError | None:
+    """The connection failure behind a client error, if any: the aiohttp transport reports a refused or
+    unreachable host as a connect *timeout*, with the OS error further down the chain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and not isinstance(seen, TimeoutError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _describe(error: Exception, backend: Backend) -> BackendError:
+    refused = _refused(error) if isinstance(error, openai.APIConnectionError) else None
+    if refused is not None:
+        return BackendError(backend.name, f"cannot connect to {backend.base_url}: {refused}")
     if isinstance(error, openai.APITimeoutError):
         return BackendError(backend.name, f"timed out after {backend.timeout:g} s")
     if isinstance(error, openai.APIStatusError):
@@ -195,7 +210,8 @@ class Pool:
         self.backends = backends
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self._clients = {
-            name: openai.AsyncOpenAI(base_url=b.base_url, api_key=b.api_key(), timeout=b.timeout, max_retries=0)
+            name: openai.AsyncOpenAI(base_url=b.base_url, api_key=b.api_key(), timeout=b.timeout, max_retries=0,
+                               http_client=openai.DefaultAioHttpClient())  # aiohttp: less CPU a call than httpx
             for name, b in backends.models.items()
         }
         self._slots = {name: asyncio.Semaphore(b.concurrency) for name, b in backends.models.items()}
