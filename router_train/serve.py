@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import math
 import os
@@ -311,15 +312,21 @@ WORKER_ARGS = "ROUTER_TRAIN_SERVE_ARGS"
 
 
 def build_app(args: argparse.Namespace):
-    """The app the command-line arguments describe: the checkpoint, its backends and the server's caps."""
+    """The app the command-line arguments describe (the checkpoint, its backends, the server's caps), for
+    a process that serves it until it exits."""
     if args.threads:
         torch.set_num_threads(args.threads)
     router = CascadeRouter.load(
         args.checkpoint, device=args.device, budget=args.budget, mode=args.mode, quantize=args.quantize
     )
     backends = load_backends(args.backends, router.models) if args.backends else None
-    return make_app(router, backends, model_id=args.model_id, max_wait=args.max_wait_ms / 1000,
-                    max_queries=args.max_queries, max_body=int(args.max_body_mb * 2**20))
+    app = make_app(router, backends, model_id=args.model_id, max_wait=args.max_wait_ms / 1000,
+                   max_queries=args.max_queries, max_body=int(args.max_body_mb * 2**20))
+    # the millions of objects of torch, the encoder and the router live as long as the server: out of the
+    # garbage collector's sight, its full collections no longer stall requests (p99 halved, benchmarks)
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 def worker_app():
@@ -328,9 +335,8 @@ def worker_app():
     return build_app(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])))
 
 
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m router_train.serve`."""
     p = argparse.ArgumentParser(prog="python -m router_train.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="an export directory (checkpoints/<run>)")
     p.add_argument("--backends", help="backends file (configs/backends.example.yaml): serve /v1/chat/completions")
@@ -343,12 +349,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when sharing the CPU)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port, each with its own copy of the router and its own "
-                        "batches (the gateway is CPU-bound: about one per core); /metrics then counts per worker")
+                        "batches, for machines with cores to spare (one process is CPU-bound); /metrics then counts per worker")
     p.add_argument("--model-id", help="the router's model id in /v1 (default: router-train/<checkpoint name>)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a request may wait for others to batch with")
     p.add_argument("--max-queries", type=int, default=MAX_QUERIES, help="most queries per /route_batch request")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY / 2**20, help="largest request body (MiB)")
     add_debug_flag(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    p = build_parser()
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be at least 1, got {args.workers}")

@@ -283,3 +283,17 @@ def test_a_taken_port_is_a_clear_error(tiny_export, capsys):
             main(["--checkpoint", str(tiny_export), "--port", str(port), "--workers", "2"])
     assert exit_info.value.code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_server_process_takes_its_startup_objects_out_of_the_collectors_sight(tiny_export):
+    """What the server loads lives as long as it does: frozen, full collections stop pausing requests."""
+    import gc
+
+    from router_train.serve import build_app, build_parser
+
+    gc.unfreeze()
+    try:
+        build_app(build_parser().parse_args(["--checkpoint", str(tiny_export)]))
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
