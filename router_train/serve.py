@@ -367,28 +367,29 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--workers must be at least 1, got {args.workers}")
     with user_errors(args.debug):
         app = build_app(args)  # with several workers too: a bad checkpoint or backends file fails here, once
+        sock = listening_socket(args.host, args.port)
     what = "POST /route_batch" + (", POST /v1/chat/completions" if args.backends else "")
     workers = f", {args.workers} workers" if args.workers > 1 else ""
     print(f"serving {Path(args.checkpoint)} on http://{args.host}:{args.port} ({what}{workers})", flush=True)
-    options = dict(host=args.host, port=args.port, log_level="warning", access_log=False, backlog=2048)
-    if args.workers == 1:
-        uvicorn.run(app, **options)
-        return
-    del app
-    with user_errors(args.debug):
-        sock = listening_socket(args.host, args.port)
-    os.environ[WORKER_ARGS] = json.dumps(vars(args))
-    config = uvicorn.Config("router_train.serve:worker_app", factory=True, workers=args.workers, **options)
+    options = dict(log_level="warning", access_log=False, backlog=2048)
     try:
-        Multiprocess(config, sockets=[sock]).run()
+        if args.workers == 1:
+            uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
+        else:  # each worker builds its own app; the supervisor keeps none
+            del app
+            gc.unfreeze()
+            gc.collect()
+            os.environ[WORKER_ARGS] = json.dumps(vars(args))
+            config = uvicorn.Config("router_train.serve:worker_app", factory=True, workers=args.workers, **options)
+            Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:
         pass
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """The TCP socket the workers share, created with its protocol number so that asyncio sets TCP_NODELAY
-    on every connection it accepts (uvicorn's own socket lacks it, and replies then wait ~40 ms for
-    delayed ACKs)."""
+    """The server's TCP socket (shared by the workers), created with its protocol number so that asyncio
+    sets TCP_NODELAY on every connection it accepts (uvicorn's own socket for several workers lacks it,
+    and replies then wait ~40 ms for delayed ACKs); a taken port is a clear error before serving."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              proto=socket.IPPROTO_TCP)[0]

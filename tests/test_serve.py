@@ -205,33 +205,37 @@ def _workers(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts worker processes through Linux /proc")
-def test_workers_share_the_port_and_answer_as_in_process(tiny_export):
-    """`--workers 2`: two server processes behind one port, decisions as in process, a clean shutdown."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_command_serves_with_one_or_more_workers_as_in_process(tiny_export, workers):
+    """`python -m router_train.serve`: one process, or `--workers 2` behind one port; decisions as in
+    process; a clean shutdown that leaves no worker behind."""
     router = CascadeRouter.load(tiny_export)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "router_train.serve", "--checkpoint", str(tiny_export),
-                                "--port", str(port), "--workers", "2", "--threads", "1"],
+                                "--port", str(port), "--workers", str(workers), "--threads", "1"],
                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    expected = 0 if workers == 1 else workers
     try:
         deadline = time.monotonic() + 120
-        while len(_workers(process.pid)) < 2 or not _healthy(url):
+        while len(_workers(process.pid)) < expected or not _healthy(url):
             assert process.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "two workers did not come up within 120 s"
+            assert time.monotonic() < deadline, f"{workers} worker(s) did not come up within 120 s"
             time.sleep(0.2)
-        assert "2 workers" in process.stdout.readline()
+        banner = process.stdout.readline()
+        assert banner.startswith("serving") and ("2 workers" in banner) == (workers == 2)
         queries = [f"question {i} about the cat" for i in range(64)]
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda q: post(url, {"queries": [q]}), queries))
         assert [status for status, _ in results] == [200] * 64
         assert [body["decisions"][0] for _, body in results] == [d.to_dict() for d in router.route_batch(queries)]
-        workers = _workers(process.pid)
+        spawned = _workers(process.pid)
     finally:
         process.terminate()
         process.wait(60)
-    assert len(workers) == 2 and not any(_alive(w) for w in workers)
+    assert len(spawned) == expected and not any(_alive(w) for w in spawned)
 
 
 def _alive(pid: int) -> bool:
@@ -274,13 +278,14 @@ def test_the_workers_socket_disables_nagle_on_every_connection():
     assert seen and seen[0] != 0
 
 
-def test_a_taken_port_is_a_clear_error(tiny_export, capsys):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_a_clear_error(tiny_export, capsys, workers):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit) as exit_info:
-            main(["--checkpoint", str(tiny_export), "--port", str(port), "--workers", "2"])
+            main(["--checkpoint", str(tiny_export), "--port", str(port), "--workers", workers])
     assert exit_info.value.code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
