@@ -27,7 +27,9 @@ import gc
 import json
 import math
 import os
+import shutil
 import socket
+import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -46,7 +48,7 @@ from .cli import add_debug_flag, user_errors
 from .gateway import Gateway, GatewayError, stream_chunks
 from .live import Pool
 from .router import SERVING_MODES, CascadeRouter
-from .telemetry import RequestMetrics, Telemetry
+from .telemetry import RequestMetrics, SharedTelemetry, Telemetry
 
 MAX_BODY = 32 * 1024 * 1024
 MAX_QUERIES = 10_000
@@ -166,15 +168,27 @@ def make_app(
     max_queries: int = MAX_QUERIES,
     max_body: int = MAX_BODY,
     body_timeout: float = BODY_TIMEOUT,
+    metrics_dir: str | None = None,
 ):
     """The server as an ASGI app: /route_batch, /health, /metrics, /openapi.json and, with `backends`
-    (whose models must be the checkpoint's), the OpenAI-compatible /v1 endpoints."""
+    (whose models must be the checkpoint's), the OpenAI-compatible /v1 endpoints. `metrics_dir`: a folder
+    shared with the server's other worker processes, so that /metrics counts all of them."""
     if backends is not None and set(backends.names) != set(router.models):
         raise ValueError(f"the backends list {sorted(backends.names)}, the checkpoint routes {router.models}")
     if model_id is None:
         model_id = f"router-train/{router.path.name if router.path else 'router'}"
     telemetry = Telemetry()
+    shared = SharedTelemetry(telemetry, metrics_dir) if metrics_dir else None
     state: dict = {}
+
+    async def publish_metrics() -> None:
+        published = None
+        while True:
+            await asyncio.sleep(shared.interval)
+            seen = sum(telemetry.requests.values())
+            if seen != published:
+                shared.publish()
+                published = seen
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -183,9 +197,12 @@ def make_app(
         if backends is not None:
             pool = Pool(backends)
             state["gateway"] = Gateway(router, batcher, pool, telemetry, model_id)
+        publisher = asyncio.create_task(publish_metrics()) if shared else None
         try:
             yield
         finally:
+            if publisher is not None:
+                publisher.cancel()
             await batcher.close()
             if backends is not None:
                 await pool.close()
@@ -253,7 +270,8 @@ def make_app(
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(telemetry.render(), media_type="text/plain; version=0.0.4")
+        text = (shared or telemetry).render()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     if backends is not None:
         @app.get("/v1/models", summary="The router's id and the pool's models (OpenAI format)")
@@ -321,7 +339,8 @@ def build_app(args: argparse.Namespace):
     )
     backends = load_backends(args.backends, router.models) if args.backends else None
     app = make_app(router, backends, model_id=args.model_id, max_wait=args.max_wait_ms / 1000,
-                   max_queries=args.max_queries, max_body=int(args.max_body_mb * 2**20))
+                   max_queries=args.max_queries, max_body=int(args.max_body_mb * 2**20),
+                   metrics_dir=args.metrics_dir)
     # the millions of objects of torch, the encoder and the router live as long as the server: out of the
     # garbage collector's sight, its full collections no longer stall requests (p99 halved, benchmarks)
     gc.collect()
@@ -349,11 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when sharing the CPU)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port, each with its own copy of the router and its own "
-                        "batches, for machines with cores to spare (one process is CPU-bound); /metrics then counts per worker")
+                        "batches, for machines with cores to spare (one process is CPU-bound); /metrics sums over "
+                        "the workers")
     p.add_argument("--model-id", help="the router's model id in /v1 (default: router-train/<checkpoint name>)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a request may wait for others to batch with")
     p.add_argument("--max-queries", type=int, default=MAX_QUERIES, help="most queries per /route_batch request")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY / 2**20, help="largest request body (MiB)")
+    p.add_argument("--metrics-dir", help=argparse.SUPPRESS)  # set by --workers: the workers' shared counts
     add_debug_flag(p)
     return p
 
@@ -379,9 +400,13 @@ def main(argv: list[str] | None = None) -> None:
             del app
             gc.unfreeze()
             gc.collect()
+            args.metrics_dir = tempfile.mkdtemp(prefix="router-train-metrics-")  # each worker's counts
             os.environ[WORKER_ARGS] = json.dumps(vars(args))
             config = uvicorn.Config("router_train.serve:worker_app", factory=True, workers=args.workers, **options)
-            Multiprocess(config, sockets=[sock]).run()
+            try:
+                Multiprocess(config, sockets=[sock]).run()
+            finally:
+                shutil.rmtree(args.metrics_dir, ignore_errors=True)
     except KeyboardInterrupt:
         pass
 

@@ -1,11 +1,17 @@
 """Serving metrics in the Prometheus text format (`GET /metrics`): requests by endpoint and status with
 their latency, backend calls per model and outcome with their latency, spend per model, and the size of
-the `route_batch` calls. Updated from the server's event loop only."""
+the `route_batch` calls. Updated from the server's event loop only. Under several worker processes each
+publishes a `snapshot()` to a shared folder and /metrics renders their `merged` sum (`SharedTelemetry`)."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
+
+from .outputs import atomic_write_bytes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -23,6 +29,15 @@ class _Histogram:
                 self.buckets[i] += 1
         self.sum += seconds
         self.count += 1
+
+    def add(self, other: dict) -> None:
+        """Add a snapshot's counts (`snapshot()`) to these."""
+        self.buckets = [a + b for a, b in zip(self.buckets, other["buckets"])]
+        self.sum += other["sum"]
+        self.count += other["count"]
+
+    def snapshot(self) -> dict:
+        return {"buckets": list(self.buckets), "sum": self.sum, "count": self.count}
 
     def lines(self, name: str, labels: str) -> list[str]:
         sep = "," if labels else ""
@@ -64,6 +79,35 @@ class Telemetry:
         self.route_queries += queries
         self.route_seconds += seconds
 
+    def snapshot(self) -> dict:
+        """Every count as JSON-able data, for another process to merge."""
+        return {
+            "requests": [[e, st, n] for (e, st), n in self.requests.items()],
+            "request_seconds": {e: h.snapshot() for e, h in self.request_seconds.items()},
+            "calls": [[m, o, n] for (m, o), n in self.calls.items()],
+            "call_seconds": {m: h.snapshot() for m, h in self.call_seconds.items()},
+            "spend": dict(self.spend),
+            "route": [self.route_calls, self.route_queries, self.route_seconds],
+        }
+
+    @staticmethod
+    def merged(snapshots: list[dict]) -> "Telemetry":
+        """One Telemetry holding the sums of several processes' snapshots."""
+        total = Telemetry()
+        for snap in snapshots:
+            total.requests.update({(e, st): n for e, st, n in snap["requests"]})
+            for e, h in snap["request_seconds"].items():
+                total.request_seconds[e].add(h)
+            total.calls.update({(m, o): n for m, o, n in snap["calls"]})
+            for m, h in snap["call_seconds"].items():
+                total.call_seconds[m].add(h)
+            total.spend.update(snap["spend"])
+            calls, queries, seconds = snap["route"]
+            total.route_calls += calls
+            total.route_queries += queries
+            total.route_seconds += seconds
+        return total
+
     def render(self) -> str:
         lines = ["# HELP router_requests_total HTTP requests by endpoint and status.",
                  "# TYPE router_requests_total counter"]
@@ -93,6 +137,30 @@ class Telemetry:
                   "# TYPE router_route_batch_seconds_total counter",
                   f"router_route_batch_seconds_total {self.route_seconds!r}"]
         return "\n".join(lines) + "\n"
+
+
+class SharedTelemetry:
+    """The telemetry of one worker among several: its snapshot is written to `folder/<pid>.json` (at most
+    every `interval` seconds, and whenever /metrics is read), and /metrics renders the sum over every
+    worker's file, so a scrape answered by any worker counts the whole server (others' counts up to
+    `interval` seconds old). Files of workers that exited stay: counters never go back."""
+
+    def __init__(self, telemetry: Telemetry, folder: str | os.PathLike, interval: float = 1.0) -> None:
+        self.telemetry, self.folder, self.interval = telemetry, Path(folder), interval
+        self.path = self.folder / f"{os.getpid()}.json"
+
+    def publish(self) -> None:
+        atomic_write_bytes(self.path, json.dumps(self.telemetry.snapshot()).encode())
+
+    def render(self) -> str:
+        self.publish()
+        snapshots = []
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                snapshots.append(json.loads(path.read_bytes()))
+            except (OSError, ValueError):  # a worker's file is replaced atomically; a vanished one is skipped
+                continue
+        return Telemetry.merged(snapshots).render()
 
 
 class RequestMetrics:

@@ -231,6 +231,10 @@ def test_the_command_serves_with_one_or_more_workers_as_in_process(tiny_export, 
             results = list(pool.map(lambda q: post(url, {"queries": [q]}), queries))
         assert [status for status, _ in results] == [200] * 64
         assert [body["decisions"][0] for _, body in results] == [d.to_dict() for d in router.route_batch(queries)]
+        counted, until = 'router_requests_total{endpoint="/route_batch",status="200"} 64', time.monotonic() + 15
+        while counted not in _get(url + "/metrics"):  # whichever worker answers counts every worker's requests
+            assert time.monotonic() < until, "/metrics did not count the 64 requests within 15 s"
+            time.sleep(0.2)
         spawned = _workers(process.pid)
     finally:
         process.terminate()
@@ -243,6 +247,11 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
 
 
 def _healthy(url: str) -> bool:
@@ -302,3 +311,22 @@ def test_a_server_process_takes_its_startup_objects_out_of_the_collectors_sight(
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_workers_metrics_merge_into_the_counts_of_one_server(tmp_path):
+    """Two workers' published counts render exactly as one telemetry that saw every event."""
+    from router_train.telemetry import SharedTelemetry, Telemetry
+
+    events = [("request", "/route_batch", 200, 0.003), ("request", "/v1/chat/completions", 502, 0.7),
+              ("call", "model-1", True, 0.02, 1e-5), ("call", "model-1", False, 5.0, None),
+              ("call", "model-2", True, 0.3, 2.5e-4), ("routed", 7, 0.011), ("request", "/route_batch", 400, 0.0004)]
+    one, workers = Telemetry(), [Telemetry(), Telemetry()]
+    for i, (kind, *values) in enumerate(events):
+        for target in (one, workers[i % 2]):
+            {"request": target.request, "call": target.call, "routed": target.routed}[kind](*values)
+    first = SharedTelemetry(workers[0], tmp_path)
+    second = SharedTelemetry(workers[1], tmp_path)
+    second.path = tmp_path / "other-worker.json"  # both live in this process
+    second.publish()
+    assert first.render() == one.render()
+    assert 'router_requests_total{endpoint="/route_batch",status="200"} 1' in one.render()
