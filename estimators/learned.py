@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -63,10 +63,15 @@ class LearnedConfig:
     neighbors: int = 0  # training queries the prior is read from (0: per-source means; 0 when fine-tuning)
     neighbor_shrink: float = 20.0
     embedding_cache: str | None = ".cache/embeddings"
+    ensemble: int = 1  # estimators trained at seeds seed, seed + 1, ...; their estimates averaged (a deep ensemble)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble (estimator.ensemble in a recipe) is the number of estimators averaged, at least 1; got {self.ensemble}")
+        if self.ensemble > 1 and self.finetune:
+            raise ValueError("ensemble > 1 needs a frozen encoder (finetune: false): the members share it")
         if not 0.0 < self.coverage < 1.0:
             raise ValueError(f"coverage must be in (0, 1), got {self.coverage}")
 
@@ -87,6 +92,7 @@ class LearnedEstimator(QualityEstimator):
         self.correlation = torch.ones(1, 1, 1)
         self.posthoc = True  # the training table had answers or confidences: running a model can inform
         self.history: list[dict] = []
+        self.members: list[LearnedEstimator] = []  # ensemble > 1: one estimator per seed, estimates averaged
 
     # -- encoder and features ---------------------------------------------------------------
     def _encoder(self) -> Embedder:
@@ -107,6 +113,10 @@ class LearnedEstimator(QualityEstimator):
     ) -> Features:
         """Per-row features; `embeddings` (n, d) skips the encoder (e.g. a serving cache already has them)."""
         self.check_models(table)
+        if self.members:  # each member its own prior and calibrated confidences, over one embedding
+            embeddings = self.embed(list(table.queries), progress) if embeddings is None else embeddings
+            return {f"member{i}.{name}": value for i, member in enumerate(self.members)
+                    for name, value in member.featurize(table, embeddings=embeddings).items()}
         answers = answer_features(table.answers, table.confidence, table.n, table.k)
         features = {f"answers.{f}": getattr(answers, f) for f in _ANSWER_FIELDS}
         features["embedding"] = self.embed(list(table.queries), progress) if embeddings is None else embeddings
@@ -124,8 +134,11 @@ class LearnedEstimator(QualityEstimator):
     # -- training ---------------------------------------------------------------------------
     def fit(self, table: RoutingTable, *, state_dir: Path | None = None, log: Logger | None = None,
             progress: bool = False) -> "LearnedEstimator":
-        """Train on all rows of `table` (a held-back share is used for early stopping and Σ)."""
+        """Train on all rows of `table` (a held-back share is used for early stopping and Σ); with `ensemble`
+        N > 1, N estimators at consecutive seeds (each its own held-back share), sharing the encoder."""
         cfg = self.config
+        if cfg.ensemble > 1:
+            return self._fit_members(table, state_dir=state_dir, log=log, progress=progress)
         torch.manual_seed(cfg.train.seed)
         self.models = list(table.models)
         self.sources = sorted({s for s in table.sources if s})
@@ -169,6 +182,24 @@ class LearnedEstimator(QualityEstimator):
         module.eval()
         return self
 
+    def _fit_members(self, table: RoutingTable, *, state_dir: Path | None, log: Logger | None,
+                     progress: bool) -> "LearnedEstimator":
+        cfg, encoder = self.config, self._encoder()
+        self.members = []
+        for i in range(cfg.ensemble):
+            member = replace(cfg, ensemble=1, train=replace(cfg.train, seed=cfg.train.seed + i))
+            where = None if state_dir is None else Path(state_dir) / f"member{i}"
+            self.members.append(LearnedEstimator(member, encoder).fit(table, state_dir=where, log=log, progress=progress))
+        self._adopt_members()
+        self.history = [dict(h, member=i) for i, m in enumerate(self.members) for h in m.history]
+        return self
+
+    def _adopt_members(self) -> None:
+        """What the members share (trained on one table): models, source tags, cost model, post-hoc flag."""
+        first = self.members[0]
+        self.models, self.sources, self.posthoc, self.cost_model = first.models, first.sources, first.posthoc, first.cost_model
+        self.net = first.net  # fitted marker, device and sizes (embedding width) for callers
+
     def _calibrate(self, module: LearnedModule, data: QualityData, val_rows: torch.Tensor) -> None:
         """Scale σ so that q̂ ± zσ covers the one-step move of each estimate at the stated rate, and estimate
         the moves' correlations per run-set size, on held-back rows."""
@@ -197,6 +228,11 @@ class LearnedEstimator(QualityEstimator):
     def predict(self, features: Features, rows: torch.Tensor, run: torch.Tensor) -> Estimate:
         if self.net is None:
             raise RuntimeError("the estimator is not fitted: call fit() or LearnedEstimator.load()")
+        if self.members:
+            parts = [member.predict({n[len(f"member{i}."):]: v for n, v in features.items() if n.startswith(f"member{i}.")},
+                                    rows, run) for i, member in enumerate(self.members)]
+            quality = torch.stack([part.quality for part in parts]).mean(0)
+            return Estimate(quality=quality, cost=parts[0].cost, cov=parts[0].cov)  # Σ and cost: the first member's
         device = self.net.readout.device
         answers = AnswerFeatures(*(features[f"answers.{f}"][rows].to(device) for f in _ANSWER_FIELDS))
         # no answers or confidences in training: running a model teaches nothing, every estimate stays ex-ante
@@ -221,17 +257,24 @@ class LearnedEstimator(QualityEstimator):
         if self.net is None:
             raise RuntimeError("nothing to save: the estimator is not fitted")
         directory = Path(directory)
+        if self.members:
+            tensors = {f"member{i}.{n}": t for i, member in enumerate(self.members) for n, t in member._tensors().items()}
+        else:
+            tensors = self._tensors()
+        atomic_write_bytes(directory / "estimator.safetensors", safetensors.torch.save(tensors))
+        atomic_write_json(directory / "estimator.json", self.describe())
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every fitted tensor of one estimator, by name."""
         tensors = {f"net.{n}": t.detach().cpu().contiguous() for n, t in self.net.state_dict().items()}
         tensors["calibration.scale"] = torch.tensor([self.scale], dtype=torch.float64)
         tensors["calibration.correlation"] = self.correlation.contiguous()
         tensors.update({f"cost.{n}": t.contiguous() for n, t in self.cost_model.state_dict().items()})
         tensors.update({f"neighbors.{n}": t.contiguous() for n, t in self.neighbors.state_dict().items()})
         tensors.update({f"calibrator.{n}": t.contiguous() for n, t in self.calibrator.state_dict().items()})
-        encoder = self._encoder()
         if self.config.finetune:
-            tensors.update({f"lora.{n}": t.detach().cpu().contiguous() for n, t in encoder.lora_state_dict().items()})
-        atomic_write_bytes(directory / "estimator.safetensors", safetensors.torch.save(tensors))
-        atomic_write_json(directory / "estimator.json", self.describe())
+            tensors.update({f"lora.{n}": t.detach().cpu().contiguous() for n, t in self._encoder().lora_state_dict().items()})
+        return tensors
 
     def describe(self) -> dict:
         """The JSON config stored beside the weights."""
@@ -299,22 +342,18 @@ class LearnedEstimator(QualityEstimator):
                 f"{weights_path} is not a readable safetensors file ({e}): corrupt or truncated; "
                 "export the estimator again"
             ) from None
-        est.net = QualityNet(NetConfig(**meta["net"]))
-        _load_prefixed(est.net, tensors, "net.", weights_path)
-        est.scale = float(_take(tensors, "calibration.scale", weights_path)[0])
-        est.correlation = _take(tensors, "calibration.correlation", weights_path)
-        k = len(est.models)
-        if est.correlation.shape[1:] != (k, k):
-            raise ValueError(f"{weights_path}: calibration.correlation has shape {tuple(est.correlation.shape)}, expected (T, {k}, {k})")
-        est.neighbors.load_state_dict(
-            {n: _take(tensors, f"neighbors.{n}", weights_path) for n in ("bank", "quality", "source", "source_mean")}
-        )
-        est.calibrator.load_state_dict(
-            {n: _take(tensors, f"calibrator.{n}", weights_path) for n in ("mean", "std", "weight", "bias")}
-        )
-        est.cost_model = CostModel.from_config(meta["cost"]).load_state_dict(
-            {n[5:]: t for n, t in tensors.items() if n.startswith("cost.")}
-        )
+        if config.ensemble > 1:
+            est.members = []
+            for i in range(config.ensemble):
+                member = cls(replace(config, ensemble=1, train=replace(config.train, seed=config.train.seed + i)),
+                             est._encoder())
+                member.models, member.sources, member.posthoc = est.models, est.sources, est.posthoc
+                member._restore(meta, tensors, f"member{i}.", weights_path)
+                member.net.to(device).eval()
+                est.members.append(member)
+            est._adopt_members()
+        else:
+            est._restore(meta, tensors, "", weights_path)
         if encoder is None and config.finetune:
             tuned = est._encoder()
             if tuned.lora is None:
@@ -333,6 +372,28 @@ class LearnedEstimator(QualityEstimator):
             )
         est.net.to(device).eval()
         return est
+
+
+    def _restore(self, meta: dict, tensors: dict, prefix: str, weights_path: Path) -> None:
+        """Set the fitted parts of one estimator from the tensors named `prefix` + name."""
+        self.net = QualityNet(NetConfig(**meta["net"]))
+        _load_prefixed(self.net, tensors, prefix + "net.", weights_path)
+        self.scale = float(_take(tensors, prefix + "calibration.scale", weights_path)[0])
+        self.correlation = _take(tensors, prefix + "calibration.correlation", weights_path)
+        k = len(self.models)
+        if self.correlation.shape[1:] != (k, k):
+            raise ValueError(f"{weights_path}: {prefix}calibration.correlation has shape "
+                             f"{tuple(self.correlation.shape)}, expected (T, {k}, {k})")
+        self.neighbors.load_state_dict(
+            {n: _take(tensors, f"{prefix}neighbors.{n}", weights_path) for n in ("bank", "quality", "source", "source_mean")}
+        )
+        self.calibrator.load_state_dict(
+            {n: _take(tensors, f"{prefix}calibrator.{n}", weights_path) for n in ("mean", "std", "weight", "bias")}
+        )
+        cost = prefix + "cost."
+        self.cost_model = CostModel.from_config(meta["cost"]).load_state_dict(
+            {n[len(cost):]: t for n, t in tensors.items() if n.startswith(cost)}
+        )
 
 
 def masked_correlation(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

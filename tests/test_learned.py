@@ -1,6 +1,7 @@
 """The learned estimator: trains on a tiny table with a tiny random encoder, exports and reloads
 exactly, refuses broken exports, and its Σ intervals cover held-out moves at the stated rate."""
 
+import dataclasses
 import json
 
 import pytest
@@ -209,3 +210,34 @@ def test_without_answers_or_confidences_running_a_model_changes_no_estimate(tmp_
     estimator.save(tmp_path / "export")
     assert LearnedEstimator.load(tmp_path / "export").posthoc is False
     assert json.loads((tmp_path / "export" / "estimator.json").read_text())["posthoc"] is False
+
+
+def test_an_ensemble_averages_its_members_seeds_and_round_trips(tmp_path):
+    """`ensemble: 3`: three estimators at seeds 0, 1, 2 on one encoder; the estimate is the mean of theirs
+    (the first member is the single estimator of seed 0), and the export reloads exactly."""
+    table = random_table(200, 4, seed=7)
+    config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "cache", epochs=6)
+    single = LearnedEstimator(config).fit(table.train())
+    ensemble = LearnedEstimator(dataclasses.replace(config, ensemble=3)).fit(table.train())
+    assert [m.config.train.seed for m in ensemble.members] == [0, 1, 2]
+    test = table.test()
+    rows, run = states(test.n, test.k, seed=2)
+    features = ensemble.featurize(test)
+    estimate = ensemble.predict(features, rows, run)
+    members = [m.predict(m.featurize(test), rows, run) for m in ensemble.members]
+    assert torch.allclose(estimate.quality, torch.stack([m.quality for m in members]).mean(0))
+    assert not torch.allclose(members[0].quality, members[1].quality)  # the seeds differ
+    assert torch.equal(members[0].quality, single.predict(single.featurize(test), rows, run).quality)
+    assert torch.equal(estimate.cost, members[0].cost) and torch.equal(estimate.cov, members[0].cov)
+    ensemble.save(tmp_path / "export")
+    loaded = LearnedEstimator.load(tmp_path / "export")
+    again = loaded.predict(loaded.featurize(test), rows, run)
+    assert len(loaded.members) == 3
+    assert torch.equal(again.quality, estimate.quality) and torch.equal(again.cov, estimate.cov)
+
+
+def test_an_ensemble_needs_a_frozen_encoder_and_at_least_one_member():
+    with pytest.raises(ValueError, match="ensemble > 1 needs a frozen encoder"):
+        LearnedConfig(finetune=True, ensemble=2)
+    with pytest.raises(ValueError, match="is the number of estimators averaged, at least 1"):
+        LearnedConfig(ensemble=0)
