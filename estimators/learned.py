@@ -189,9 +189,10 @@ class LearnedEstimator(QualityEstimator):
         for i in range(cfg.ensemble):
             member = replace(cfg, ensemble=1, train=replace(cfg.train, seed=cfg.train.seed + i))
             where = None if state_dir is None else Path(state_dir) / f"member{i}"
-            self.members.append(LearnedEstimator(member, encoder).fit(table, state_dir=where, log=log, progress=progress))
+            tagged = None if log is None else (lambda record, i=i: log({**record, "member": i}))
+            self.members.append(LearnedEstimator(member, encoder).fit(table, state_dir=where, log=tagged, progress=progress))
         self._adopt_members()
-        self.history = [dict(h, member=i) for i, m in enumerate(self.members) for h in m.history]
+        self.history = [{**h, "member": i} for i, m in enumerate(self.members) for h in m.history]
         return self
 
     def _adopt_members(self) -> None:
