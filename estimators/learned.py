@@ -45,6 +45,7 @@ from .training import (
 FORMAT = "router-train-learned"
 VERSION = 2
 _ANSWER_FIELDS = tuple(AnswerFeatures.__dataclass_fields__)
+_MEMBER_FEATURES = ("prior", "calibrated")  # what differs between the members of an ensemble (fitted per seed)
 
 
 @dataclass
@@ -113,18 +114,27 @@ class LearnedEstimator(QualityEstimator):
     ) -> Features:
         """Per-row features; `embeddings` (n, d) skips the encoder (e.g. a serving cache already has them)."""
         self.check_models(table)
-        if self.members:  # each member its own prior and calibrated confidences, over one embedding
-            embeddings = self.embed(list(table.queries), progress) if embeddings is None else embeddings
-            return {f"member{i}.{name}": value for i, member in enumerate(self.members)
-                    for name, value in member.featurize(table, embeddings=embeddings).items()}
+        if self.members:  # the first member's features, and each member's own prior and calibrated confidences
+            features = self.members[0].featurize(table, progress, embeddings)
+            for i, member in enumerate(self.members):
+                own = {n: features[n] for n in _MEMBER_FEATURES} if i == 0 else member._own_features(features)
+                features.update({f"member{i}.{n}": v for n, v in own.items()})
+            return features
         answers = answer_features(table.answers, table.confidence, table.n, table.k)
         features = {f"answers.{f}": getattr(answers, f) for f in _ANSWER_FIELDS}
         features["embedding"] = self.embed(list(table.queries), progress) if embeddings is None else embeddings
         features["source"] = self.source_index(table.sources)
-        features["prior"] = self.neighbors.logits(features["embedding"], features["source"])
-        features["calibrated"] = self.calibrator.transform(answers.confidence, answers.has_confidence, features["source"])
+        features.update(self._own_features(features))
         features.update({f"cost.{n}": t for n, t in self.cost_model.featurize(table).items()})
         return features
+
+    def _own_features(self, features: Features) -> Features:
+        """The features fitted per estimator (`_MEMBER_FEATURES`), from the shared ones: the prior logits and
+        the answers' calibrated confidence logits."""
+        source = features["source"]
+        return {"prior": self.neighbors.logits(features["embedding"], source),
+                "calibrated": self.calibrator.transform(features["answers.confidence"],
+                                                        features["answers.has_confidence"], source)}
 
     def source_index(self, sources: list[str]) -> torch.Tensor:
         """Network index of each source tag: 1 + its position among the training tags, 0 if unknown."""
@@ -187,7 +197,7 @@ class LearnedEstimator(QualityEstimator):
         cfg, encoder = self.config, self._encoder()
         self.members = []
         for i in range(cfg.ensemble):
-            member = replace(cfg, ensemble=1, train=replace(cfg.train, seed=cfg.train.seed + i))
+            member = _member_config(cfg, i)
             where = None if state_dir is None else Path(state_dir) / f"member{i}"
             tagged = None if log is None else (lambda record, i=i: log({**record, "member": i}))
             self.members.append(LearnedEstimator(member, encoder).fit(table, state_dir=where, log=tagged, progress=progress))
@@ -230,8 +240,8 @@ class LearnedEstimator(QualityEstimator):
         if self.net is None:
             raise RuntimeError("the estimator is not fitted: call fit() or LearnedEstimator.load()")
         if self.members:
-            parts = [member.predict({n[len(f"member{i}."):]: v for n, v in features.items() if n.startswith(f"member{i}.")},
-                                    rows, run) for i, member in enumerate(self.members)]
+            parts = [member.predict({**features, **{n: features[f"member{i}.{n}"] for n in _MEMBER_FEATURES}}, rows, run)
+                     for i, member in enumerate(self.members)]
             quality = torch.stack([part.quality for part in parts]).mean(0)
             return Estimate(quality=quality, cost=parts[0].cost, cov=parts[0].cov)  # Σ and cost: the first member's
         device = self.net.readout.device
@@ -346,8 +356,7 @@ class LearnedEstimator(QualityEstimator):
         if config.ensemble > 1:
             est.members = []
             for i in range(config.ensemble):
-                member = cls(replace(config, ensemble=1, train=replace(config.train, seed=config.train.seed + i)),
-                             est._encoder())
+                member = cls(_member_config(config, i), est._encoder())
                 member.models, member.sources, member.posthoc = est.models, est.sources, est.posthoc
                 member._restore(meta, tensors, f"member{i}.", weights_path)
                 member.net.to(device).eval()
@@ -374,7 +383,6 @@ class LearnedEstimator(QualityEstimator):
         est.net.to(device).eval()
         return est
 
-
     def _restore(self, meta: dict, tensors: dict, prefix: str, weights_path: Path) -> None:
         """Set the fitted parts of one estimator from the tensors named `prefix` + name."""
         self.net = QualityNet(NetConfig(**meta["net"]))
@@ -395,6 +403,11 @@ class LearnedEstimator(QualityEstimator):
         self.cost_model = CostModel.from_config(meta["cost"]).load_state_dict(
             {n[len(cost):]: t for n, t in tensors.items() if n.startswith(cost)}
         )
+
+
+def _member_config(config: LearnedConfig, i: int) -> LearnedConfig:
+    """The config of an ensemble's member i: a single estimator at seed + i."""
+    return replace(config, ensemble=1, train=replace(config.train, seed=config.train.seed + i))
 
 
 def masked_correlation(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
