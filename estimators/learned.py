@@ -6,6 +6,9 @@
   model tokens and a wide regression on post-hoc features. One forward pass estimates all k models.
 - Two modes: a frozen encoder with embeddings computed once and cached (fast on CPU), or LoRA
   fine-tuning of the encoder through peft (GPU).
+- Post-hoc moves are only as large as they are informative: for models run and not run, a gain of the
+  move from the ex-ante logit, fitted by log-loss on held-back rows (on mmlu_pro a lone answer letter
+  says little, and the raw network over-read it; with log-prob confidences the gains stay near 1).
 - Σ: a variance head predicts how far each estimate moves when its model runs next (a transition the
   router can make below the depth cap); on held-back rows its scale is calibrated so that intervals
   q̂ ± z·σ cover that move at the stated rate, and correlations of the moves per run-set size give the
@@ -39,7 +42,8 @@ from .features import AnswerFeatures, answer_features
 from .neighbors import NeighborPrior
 from .network import NetConfig, QualityNet
 from .training import (
-    LearnedModule, Logger, QualityData, TrainSettings, below_cap, shared_residuals, train_quality, train_variance,
+    LearnedModule, Logger, QualityData, TrainSettings, below_cap, fit_move_gains, shared_residuals, train_quality,
+    train_variance,
 )
 
 FORMAT = "router-train-learned"
@@ -187,6 +191,8 @@ class LearnedEstimator(QualityEstimator):
         module = LearnedModule(self.net, tuned)
         self.history = train_quality(module, data, fit_rows, val_rows, cfg.train, state_dir=state_dir, log=log)
         module = module.cpu()
+        if self.posthoc:
+            self.net.move_gain = fit_move_gains(module, data, val_rows, cfg.train)
         train_variance(module, data, fit_rows, cfg.train, log=log)
         self._calibrate(module, data, val_rows)
         module.eval()
@@ -280,6 +286,8 @@ class LearnedEstimator(QualityEstimator):
         tensors = {f"net.{n}": t.detach().cpu().contiguous() for n, t in self.net.state_dict().items()}
         tensors["calibration.scale"] = torch.tensor([self.scale], dtype=torch.float64)
         tensors["calibration.correlation"] = self.correlation.contiguous()
+        if self.net.move_gain is not None:
+            tensors["calibration.move_gain"] = self.net.move_gain.contiguous()
         tensors.update({f"cost.{n}": t.contiguous() for n, t in self.cost_model.state_dict().items()})
         tensors.update({f"neighbors.{n}": t.contiguous() for n, t in self.neighbors.state_dict().items()})
         tensors.update({f"calibrator.{n}": t.contiguous() for n, t in self.calibrator.state_dict().items()})
@@ -389,6 +397,10 @@ class LearnedEstimator(QualityEstimator):
         _load_prefixed(self.net, tensors, prefix + "net.", weights_path)
         self.scale = float(_take(tensors, prefix + "calibration.scale", weights_path)[0])
         self.correlation = _take(tensors, prefix + "calibration.correlation", weights_path)
+        gain = tensors.get(prefix + "calibration.move_gain")  # exports before the gains: moves as trained
+        if gain is not None and gain.shape != (2,):
+            raise ValueError(f"{weights_path}: {prefix}calibration.move_gain has shape {tuple(gain.shape)}, expected (2,)")
+        self.net.move_gain = gain
         k = len(self.models)
         if self.correlation.shape[1:] != (k, k):
             raise ValueError(f"{weights_path}: {prefix}calibration.correlation has shape "

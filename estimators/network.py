@@ -13,7 +13,8 @@ keeps the tokens without attention). A per-model readout of the token (for model
 "wide" per-model logistic regression on post-hoc features (every run model's calibrated confidence,
 agreement share, their product and the agreement share per source tag; pairwise agreement) give the
 correction; a second head (trained after) gives the log variance of how far each estimate moves when
-the router runs one more model.
+the router runs one more model. After training, `move_gain` scales each post-hoc move (post-hoc logit −
+ex-ante logit) by how informative such moves proved on held-back rows.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def wide_features(
     return torch.cat([per_model, by_source, agree], dim=1)
 
 
+def move_gains(gain: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """Per state and model (B, k), the entry of `gain` (2,) for whether the model ran."""
+    return gain.to(run.device)[run.long()]
+
+
 class QualityNet(nn.Module):
     """Query embedding (+ source) + run set + answer features → every model's quality logit (and log variance)."""
 
@@ -143,6 +149,9 @@ class QualityNet(nn.Module):
         self.register_buffer("wide_mean", torch.zeros(n_wide))
         self.register_buffer("wide_scale", torch.ones(n_wide))
         self.variance_head = nn.Sequential(nn.Linear(h + 1, h), nn.GELU(), nn.Linear(h, 1))
+        # (2,): multiplier of the post-hoc logit move of a model not run (0) or run (1); fitted on held-back
+        # rows after training, None: gain 1
+        self.move_gain: torch.Tensor | None = None
 
     def _query(self, embedding: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         if self.source is None:
@@ -159,7 +168,16 @@ class QualityNet(nn.Module):
         source: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(quality logits (B, k), token states (B, k, hidden)); `prior` (B, k) holds prior logits,
-        `calibrated` (B, k) the answers' calibrated confidence logits, `source` (B,) tag indices (0 = unknown)."""
+        `calibrated` (B, k) the answers' calibrated confidence logits, `source` (B,) tag indices (0 = unknown).
+        With `move_gain` set, each logit is its ex-ante one plus the gain times its post-hoc move."""
+        logits, hidden = self._logits(embedding, answers, run, prior, calibrated, source)
+        if self.move_gain is None or not bool(run.any()):
+            return logits, hidden
+        ante, _ = self._logits(embedding, answers, torch.zeros_like(run), prior, calibrated, source)
+        return ante + move_gains(self.move_gain, run).to(logits) * (logits - ante), hidden
+
+    def _logits(self, embedding, answers, run, prior, calibrated, source) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's own logits and token states (see `forward`)."""
         if source is None:
             source = torch.zeros(embedding.shape[0], dtype=torch.long, device=embedding.device)
         query = self._query(embedding, source)

@@ -59,6 +59,28 @@ def test_export_and_load_round_trip_is_exact(trained, tmp_path):
     a = estimator.predict(estimator.featurize(test), rows, run)
     b = loaded.predict(loaded.featurize(test), rows, run)
     assert torch.equal(a.quality, b.quality) and torch.equal(a.cov, b.cov) and torch.equal(a.cost, b.cost)
+    assert estimator.net.move_gain is not None and torch.equal(loaded.net.move_gain, estimator.net.move_gain)
+
+
+def test_an_export_without_move_gains_loads_with_the_moves_as_trained(trained, tmp_path):
+    _, table, estimator = trained
+    estimator.save(tmp_path / "e")
+    weights = tmp_path / "e" / "estimator.safetensors"
+    tensors = safetensors.torch.load_file(str(weights))
+    del tensors["calibration.move_gain"]  # as written before the gains existed
+    safetensors.torch.save_file(tensors, str(weights))
+    loaded = LearnedEstimator.load(tmp_path / "e")
+    assert loaded.net.move_gain is None
+    test = table.test()
+    rows, run = states(test.n, test.k, seed=3)
+    gained = estimator.predict(estimator.featurize(test), rows, run).quality
+    saved, estimator.net.move_gain = estimator.net.move_gain, None
+    try:
+        as_trained = estimator.predict(estimator.featurize(test), rows, run).quality
+    finally:
+        estimator.net.move_gain = saved
+    assert torch.equal(loaded.predict(loaded.featurize(test), rows, run).quality, as_trained)
+    assert not torch.equal(gained, as_trained)
 
 
 def test_broken_exports_fail_at_load_with_clear_messages(trained, tmp_path):
