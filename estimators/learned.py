@@ -193,6 +193,8 @@ class LearnedEstimator(QualityEstimator):
         module = module.cpu()
         if self.posthoc:
             self.net.move_gain = fit_move_gains(module, data, val_rows, cfg.train)
+            if log is not None:
+                log({"move_gain_not_run": float(self.net.move_gain[0]), "move_gain_run": float(self.net.move_gain[1])})
         train_variance(module, data, fit_rows, cfg.train, log=log)
         self._calibrate(module, data, val_rows)
         module.eval()

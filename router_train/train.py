@@ -251,6 +251,8 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print, threads: int
             logger(record)
         if "val_loss" in record:
             log(f"  epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
+        if "move_gain_run" in record:  # how much the answers seen move the estimates (1: as trained, 0: not at all)
+            log(f"  post-hoc move gains: models run {record['move_gain_run']:.2f}, others {record['move_gain_not_run']:.2f}")
 
     # A frozen encoder serves the estimator and every fold, and embeds each query once (the folds' subsets
     # would miss the on-disk cache, keyed by the whole list of texts, so the folds skip it); several

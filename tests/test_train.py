@@ -50,6 +50,7 @@ def tiny_recipe(tmp_path_factory):
 def test_recipe_exports_a_loadable_run(tiny_recipe, capsys):
     root, path = tiny_recipe
     run_dir = recipe.main(["--config", str(path)])
+    assert "post-hoc move gains: models run" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "curves.png", "estimator.json", "estimator.safetensors", "manifest.json", "metrics.json",
     ]
