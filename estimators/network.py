@@ -166,14 +166,17 @@ class QualityNet(nn.Module):
         prior: torch.Tensor,
         calibrated: torch.Tensor,
         source: torch.Tensor | None = None,
+        ante: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(quality logits (B, k), token states (B, k, hidden)); `prior` (B, k) holds prior logits,
         `calibrated` (B, k) the answers' calibrated confidence logits, `source` (B,) tag indices (0 = unknown).
-        With `move_gain` set, each logit is its ex-ante one plus the gain times its post-hoc move."""
+        With `move_gain` set, each logit is its ex-ante one plus the gain times its post-hoc move; `ante`
+        (B, k), the ex-ante logits of these rows when already computed, saves a pass."""
         logits, hidden = self._logits(embedding, answers, run, prior, calibrated, source)
         if self.move_gain is None or not bool(run.any()):
             return logits, hidden
-        ante, _ = self._logits(embedding, answers, torch.zeros_like(run), prior, calibrated, source)
+        if ante is None:
+            ante, _ = self._logits(embedding, answers, torch.zeros_like(run), prior, calibrated, source)
         return ante + move_gains(self.move_gain, run).to(logits) * (logits - ante), hidden
 
     def _logits(self, embedding, answers, run, prior, calibrated, source) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,9 +81,10 @@ class LearnedModule(nn.Module):
             return batch["embedding"]
         return self.encoder(batch["tokens"]["input_ids"], batch["tokens"]["attention_mask"])
 
-    def forward(self, batch: dict, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(quality logits, token states) for a batch of rows with run sets `run`."""
-        return self.net(self.embed(batch), batch["answers"], run, batch["prior"], batch["calibrated"], batch["source"])
+    def forward(self, batch: dict, run: torch.Tensor, ante: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quality logits, token states) for a batch of rows with run sets `run` (`ante`: see QualityNet)."""
+        return self.net(self.embed(batch), batch["answers"], run, batch["prior"], batch["calibrated"], batch["source"],
+                        ante)
 
 
 @dataclass
@@ -301,7 +302,9 @@ def residuals(
         sl = slice(start, start + batch_size)
         batch = data.batch(rows[sl], device)
         r = run[sl].to(device)
-        logits, hidden = module(batch, r)
+        # the ex-ante logits do not depend on the run set: one pass for the k + 1 run sets of the batch
+        ante = module(batch, torch.zeros_like(r))[0] if module.net.move_gain is not None else None
+        logits, hidden = module(batch, r, ante)
         now = torch.sigmoid(logits.float())
         moves = torch.zeros_like(now)
         for j in range(k):
@@ -310,7 +313,7 @@ def residuals(
                 continue
             after = r.clone()
             after[:, j] = True
-            logits_j, _ = module(batch, after)
+            logits_j, _ = module(batch, after, ante)
             moves[:, j] = torch.where(todo, torch.sigmoid(logits_j[:, j].float()) - now[:, j], 0.0)
         out_r.append(moves.cpu())
         out_h.append(hidden.float().cpu())

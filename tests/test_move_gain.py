@@ -51,10 +51,11 @@ def test_the_network_applies_the_gain_to_each_post_hoc_move():
         post, hidden = net(run=run, **inputs)
         net.move_gain = torch.tensor([0.25, 1.5], dtype=torch.float64)
         gated, gated_hidden = net(run=run, **inputs)
+        given = net(run=run, ante=ante, **inputs)[0]  # ex-ante logits computed once for several run sets
     expected = ante + move_gains(net.move_gain, run).float() * (post - ante)
     assert torch.allclose(gated, expected, atol=1e-6)
     assert torch.equal(gated[0], post[0])  # nothing run: the ex-ante logits, whatever the gain
     assert torch.allclose(gated[2, 0], ante[2, 0] + 0.25 * (post[2, 0] - ante[2, 0]), atol=1e-6)  # not run
     assert torch.allclose(gated[2, 1], ante[2, 1] + 1.5 * (post[2, 1] - ante[2, 1]), atol=1e-6)  # run
-    assert torch.equal(gated_hidden, hidden)
+    assert torch.equal(gated_hidden, hidden) and torch.equal(given, gated)
     assert not torch.allclose(gated[1:], post[1:])
