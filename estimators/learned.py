@@ -400,8 +400,9 @@ class LearnedEstimator(QualityEstimator):
         self.scale = float(_take(tensors, prefix + "calibration.scale", weights_path)[0])
         self.correlation = _take(tensors, prefix + "calibration.correlation", weights_path)
         gain = tensors.get(prefix + "calibration.move_gain")  # exports before the gains: moves as trained
-        if gain is not None and gain.shape != (2,):
-            raise ValueError(f"{weights_path}: {prefix}calibration.move_gain has shape {tuple(gain.shape)}, expected (2,)")
+        if gain is not None and (gain.shape != (2,) or not bool(torch.isfinite(gain).all())):
+            raise ValueError(f"{weights_path}: {prefix}calibration.move_gain must hold 2 finite gains, got {gain.tolist()}; "
+                             "export the estimator again")
         self.net.move_gain = gain
         k = len(self.models)
         if self.correlation.shape[1:] != (k, k):

@@ -95,6 +95,11 @@ def test_broken_exports_fail_at_load_with_clear_messages(trained, tmp_path):
     safetensors.torch.save_file(tensors, str(tmp_path / "e" / "estimator.safetensors"))
     with pytest.raises(ValueError, match="readout. has shape"):
         LearnedEstimator.load(tmp_path / "e")
+    tensors["net.readout"] = estimator.net.readout.detach().clone()
+    tensors["calibration.move_gain"] = torch.tensor([float("nan"), 1.0], dtype=torch.float64)
+    safetensors.torch.save_file(tensors, str(tmp_path / "e" / "estimator.safetensors"))
+    with pytest.raises(ValueError, match="move_gain must hold 2 finite gains"):
+        LearnedEstimator.load(tmp_path / "e")
     meta = json.loads((tmp_path / "e" / "estimator.json").read_text())
     meta["version"] = 99
     (tmp_path / "e" / "estimator.json").write_text(json.dumps(meta))
