@@ -399,15 +399,15 @@ class LearnedEstimator(QualityEstimator):
         _load_prefixed(self.net, tensors, prefix + "net.", weights_path)
         self.scale = float(_take(tensors, prefix + "calibration.scale", weights_path)[0])
         self.correlation = _take(tensors, prefix + "calibration.correlation", weights_path)
+        k = len(self.models)
+        if self.correlation.shape[1:] != (k, k):
+            raise ValueError(f"{weights_path}: {prefix}calibration.correlation has shape "
+                             f"{tuple(self.correlation.shape)}, expected (T, {k}, {k})")
         gain = tensors.get(prefix + "calibration.move_gain")  # exports before the gains: moves as trained
         if gain is not None and (gain.shape != (2,) or not bool(torch.isfinite(gain).all())):
             raise ValueError(f"{weights_path}: {prefix}calibration.move_gain must hold 2 finite gains, got {gain.tolist()}; "
                              "export the estimator again")
         self.net.move_gain = gain
-        k = len(self.models)
-        if self.correlation.shape[1:] != (k, k):
-            raise ValueError(f"{weights_path}: {prefix}calibration.correlation has shape "
-                             f"{tuple(self.correlation.shape)}, expected (T, {k}, {k})")
         self.neighbors.load_state_dict(
             {n: _take(tensors, f"{prefix}neighbors.{n}", weights_path) for n in ("bank", "quality", "source", "source_mean")}
         )

@@ -356,23 +356,26 @@ def fit_move_gains(
     device = next(module.parameters()).device
     k = data.quality.shape[1]
     depth = min(settings.max_depth, k)
-    states, run = sample_run_sets(len(rows), k, depth, 4, torch.Generator().manual_seed(settings.seed + 50_000))
+    position, run = sample_run_sets(len(rows), k, depth, 4, torch.Generator().manual_seed(settings.seed + 50_000))
     keep = run.any(1)
-    states, run = rows[states[keep]], run[keep]
+    position, run = position[keep], run[keep]
+    gain = torch.ones(2, dtype=torch.float64)
+    if not len(position):
+        return gain
+
+    def logits(states: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, len(states), settings.batch_size):
+            batch = data.batch(states[start : start + settings.batch_size], device)
+            out.append(module(batch, run[start : start + settings.batch_size].to(device))[0].double().cpu())
+        return torch.cat(out)
+
     saved, module.net.move_gain = module.net.move_gain, None
     module.eval()
-    ante, post = [], []
-    for start in range(0, len(states), settings.batch_size):
-        batch = data.batch(states[start : start + settings.batch_size], device)
-        r = run[start : start + settings.batch_size].to(device)
-        post.append(module(batch, r)[0].double().cpu())
-        ante.append(module(batch, torch.zeros_like(r))[0].double().cpu())
+    ante = logits(rows, torch.zeros(len(rows), k, dtype=torch.bool))[position]  # one pass per row, not per state
+    post = logits(rows[position], run)
     module.net.move_gain = saved
-    gain = torch.ones(2, dtype=torch.float64)
-    if not len(states):
-        return gain
-    ante, post = torch.cat(ante), torch.cat(post)
-    truth = data.quality[states].double()
+    truth = data.quality[rows[position]].double()
     grid = torch.tensor(MOVE_GAIN_GRID, dtype=torch.float64)
     for ran in (False, True):
         cell = run == ran
