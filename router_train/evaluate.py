@@ -243,11 +243,24 @@ def evaluate(
         "n_train": train.n,
         "n_test": test.n,
         "budgets": [float(b) for b in budgets],
+        "spend": {name: budget_spend(results[name].cost, budgets) for name in ["oracle", "rules", *config.methods]},
         "max_depth": config.max_depth,
         "method_depth": {name: results[name].strategies[0].max_depth for name in ["oracle", *config.methods]},
         "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in ["oracle", "rules", *config.methods]},
         "single_models": {m: {"cost": float(c), "quality": float(q)} for m, (c, q) in zip(test.models, test_points)},
     }
+
+
+def budget_spend(cost: np.ndarray, budgets: np.ndarray) -> list[float | None]:
+    """Per budget, the mean test cost over the budget it was calibrated for on training queries: whether a
+    budget still holds on unseen queries (1 = met exactly, above 1 = over-spent; None for a zero budget)."""
+    return [float(c) / float(b) if b > 0 else None for c, b in zip(np.asarray(cost).mean(axis=0), budgets)]
+
+
+def spend_summary(spend: list[float | None]) -> str:
+    """`spend` as the CLI prints it: the range of test cost / budget over the (non-zero) budgets."""
+    ratios = [r for r in spend if r is not None]
+    return f"test spend {min(ratios):.2f}-{max(ratios):.2f} x budget" if ratios else "test spend n/a (zero budgets)"
 
 
 def write_report(metrics: dict, out_dir, title: str = "") -> None:
@@ -439,7 +452,8 @@ def run(args) -> dict:
         write_report(metrics, staging, title=f"{args.data} · {label}")
     for name, value in metrics["auc"].items():
         lo, hi = metrics["auc_ci"][name]
-        print(f"{name:>18s}  AUC {value:6.2f}  [{lo:6.2f}, {hi:6.2f}]")
+        spend = f"  {spend_summary(metrics['spend'][name])}" if name in metrics["spend"] else ""
+        print(f"{name:>18s}  AUC {value:6.2f}  [{lo:6.2f}, {hi:6.2f}]{spend}")
     print(f"wall time: {metrics['wall_time_s']:.1f}s -> {args.out}")
     return metrics
 

@@ -65,8 +65,26 @@ def test_cli_writes_metrics_and_plot(table_path, tmp_path, capsys):
     for name, depth in metrics["method_depth"].items():
         assert {s["max_depth"] for s in metrics["strategies"][name]} == {depth}
     assert metrics["auc"]["oracle"] >= max(metrics["auc"][m] for m in names - {"oracle"}) - 1e-9
+    # test spend over budget: each curve point's mean test cost divided by the budget it was fitted for
+    assert set(metrics["spend"]) == names - {"linear"}
+    for name, spend in metrics["spend"].items():
+        expected = [point[0] / budget for point, budget in zip(metrics["curves"][name], metrics["budgets"])]
+        assert spend == pytest.approx(expected, rel=1e-9)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "wall time:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wall time:" in printed
+    routing = metrics["spend"]["routing"]
+    assert f"test spend {min(routing):.2f}-{max(routing):.2f} x budget" in next(
+        line for line in printed.splitlines() if line.strip().startswith("routing"))
+    assert "test spend" not in next(line for line in printed.splitlines() if line.strip().startswith("linear"))
+
+
+def test_budget_spend_is_test_cost_over_budget():
+    cost = np.array([[1.0, 4.0, 0.0], [3.0, 2.0, 5.0]])  # (queries, budgets): means 2, 3, 2.5
+    spend = evaluate_cli.budget_spend(cost, np.array([2.0, 4.0, 0.0]))
+    assert spend == [1.0, 0.75, None]  # a zero budget has no ratio
+    assert evaluate_cli.spend_summary(spend) == "test spend 0.75-1.00 x budget"
+    assert evaluate_cli.spend_summary([None]) == "test spend n/a (zero budgets)"
 
 
 def test_cli_refuses_to_overwrite_without_the_flag(table_path, tmp_path, capsys):

@@ -50,7 +50,10 @@ def tiny_recipe(tmp_path_factory):
 def test_recipe_exports_a_loadable_run(tiny_recipe, capsys):
     root, path = tiny_recipe
     run_dir = recipe.main(["--config", str(path)])
-    assert "post-hoc move gains: models run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "post-hoc move gains: models run" in err
+    spend = json.loads((run_dir / "metrics.json").read_text())["spend"]["cascade_routing"]
+    assert "cascade_routing  AUC" in err and f"test spend {min(spend):.2f}-{max(spend):.2f} x budget" in err
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "curves.png", "estimator.json", "estimator.safetensors", "manifest.json", "metrics.json",
     ]
