@@ -235,6 +235,7 @@ def evaluate(
         seed=config.seed,
     )
     order = ["linear", "oracle", "rules", *config.methods]
+    fitted = order[1:]  # every method with strategies (the linear hull has none)
     return {
         "auc": {name: aucs[name] for name in order},
         "auc_ci": {name: list(confidence_interval(samples[name])) for name in order},
@@ -243,10 +244,10 @@ def evaluate(
         "n_train": train.n,
         "n_test": test.n,
         "budgets": [float(b) for b in budgets],
-        "spend": {name: budget_spend(results[name].cost, budgets) for name in ["oracle", "rules", *config.methods]},
+        "spend": {name: budget_spend(results[name].cost, budgets) for name in fitted},
         "max_depth": config.max_depth,
         "method_depth": {name: results[name].strategies[0].max_depth for name in ["oracle", *config.methods]},
-        "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in ["oracle", "rules", *config.methods]},
+        "strategies": {name: [s.to_dict() for s in results[name].strategies] for name in fitted},
         "single_models": {m: {"cost": float(c), "quality": float(q)} for m, (c, q) in zip(test.models, test_points)},
     }
 
@@ -261,6 +262,11 @@ def spend_summary(spend: list[float | None]) -> str:
     """`spend` as the CLI prints it: the range of test cost / budget over the (non-zero) budgets."""
     ratios = [r for r in spend if r is not None]
     return f"test spend {min(ratios):.2f}-{max(ratios):.2f} x budget" if ratios else "test spend n/a (zero budgets)"
+
+
+def spend_suffix(metrics: dict, name: str) -> str:
+    """What follows method `name`'s AUC in the printed report: its test spend range (none for `linear`)."""
+    return f"  {spend_summary(metrics['spend'][name])}" if name in metrics["spend"] else ""
 
 
 def write_report(metrics: dict, out_dir, title: str = "") -> None:
@@ -452,8 +458,7 @@ def run(args) -> dict:
         write_report(metrics, staging, title=f"{args.data} · {label}")
     for name, value in metrics["auc"].items():
         lo, hi = metrics["auc_ci"][name]
-        spend = f"  {spend_summary(metrics['spend'][name])}" if name in metrics["spend"] else ""
-        print(f"{name:>18s}  AUC {value:6.2f}  [{lo:6.2f}, {hi:6.2f}]{spend}")
+        print(f"{name:>18s}  AUC {value:6.2f}  [{lo:6.2f}, {hi:6.2f}]{spend_suffix(metrics, name)}")
     print(f"wall time: {metrics['wall_time_s']:.1f}s -> {args.out}")
     return metrics
 

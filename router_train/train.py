@@ -47,7 +47,7 @@ from . import manifest as manifest_format
 from .calibrate import CalibrationConfig
 from .cli import add_debug_flag, user_errors
 from .config import TrainConfig, load_config, to_dict
-from .evaluate import EvaluationConfig, default_workers, evaluate, spend_summary, write_report
+from .evaluate import EvaluationConfig, default_workers, evaluate, spend_suffix, write_report
 from .kernel import KernelConfig
 from .outputs import atomic_write_json, new_version, publish_version, remove_stale_versions
 from .table import RoutingTable, check_cost_spread, load_table, load_train_test
@@ -306,8 +306,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print, threads: int
         export(run_dir, write, overwrite)
         shutil.rmtree(state, ignore_errors=True)
         for name, value in metrics["auc"].items():
-            spend = f"  {spend_summary(metrics['spend'][name])}" if name in metrics["spend"] else ""
-            log(f"{name:>18s}  AUC {value:6.2f}{spend}")
+            log(f"{name:>18s}  AUC {value:6.2f}{spend_suffix(metrics, name)}")
         log(f"wall time: {time.perf_counter() - start:.1f}s -> {run_dir}")
 
     distributed.on_main(finish)
