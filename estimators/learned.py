@@ -105,13 +105,13 @@ class LearnedEstimator(QualityEstimator):
             self.encoder = TextEncoder(self.config.encoder)
         return self.encoder
 
-    def embed(self, texts: list[str], progress: bool = False) -> torch.Tensor:
-        """Embeddings of query texts, from the on-disk cache when configured. A bare text encoder is shared
-        out among the processes of a multi-process run (a wrapped one, e.g. the recipe's, is already)."""
+    def embed(self, texts: list[str], progress: bool = False, *, cache: bool = True) -> torch.Tensor:
+        """Embeddings of query texts, from the on-disk cache when configured (and `cache`). A bare text encoder
+        is shared out among the processes of a multi-process run (a wrapped one, e.g. the recipe's, is already)."""
         encoder = self._encoder()
         if isinstance(encoder, TextEncoder):
             encoder = ShardedEmbedder(encoder)
-        return cached(encoder, self.config.embedding_cache, progress).encode(texts)
+        return cached(encoder, self.config.embedding_cache if cache else None, progress).encode(texts)
 
     def featurize(
         self, table: RoutingTable, progress: bool = False, embeddings: torch.Tensor | None = None
@@ -190,6 +190,11 @@ class LearnedEstimator(QualityEstimator):
         )
         module = LearnedModule(self.net, tuned)
         self.history = train_quality(module, data, fit_rows, val_rows, cfg.train, state_dir=state_dir, log=log)
+        if tuned is not None:  # the tuned encoder is frozen from here: embed each query once, on the training
+            # device, instead of running the encoder in every pass below (k + 2 times per state, on the CPU)
+            data = replace(data, embedding=self.embed(list(table.queries), progress, cache=False), tokens=None)
+            module = LearnedModule(self.net)
+            tuned.cpu()
         module = module.cpu()
         if self.posthoc:
             self.net.move_gain = fit_move_gains(module, data, val_rows, cfg.train)

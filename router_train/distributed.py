@@ -45,6 +45,8 @@ def init(threads: int | None = None) -> None:
     if launched() and not dist.is_initialized():
         from accelerate import PartialState
 
+        check_gpus_per_process()
+
         # cpu=True on a CUDA-less machine: accelerate then makes it a MULTI_CPU (gloo) run; without it
         # accelerate leaves a torchrun launch single-process and every copy does all the work
         PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT_TIMEOUT)
@@ -56,6 +58,19 @@ def init(threads: int | None = None) -> None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
         _threads = max(1, local_cores() // local)
         torch.set_num_threads(_threads)
+
+
+def check_gpus_per_process() -> None:
+    """Refuse a multi-process launch with more processes on this machine than GPUs it sees: NCCL needs a GPU
+    per process, and would otherwise stop every process with "Duplicate GPU detected" deep inside torch."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if gpus and local > gpus:
+        raise ValueError(
+            f"{local} processes on this machine but {gpus} GPU(s) visible: a GPU run needs one GPU per process; "
+            f"launch at most {gpus} (torchrun --nproc_per_node, accelerate launch --num_processes), or train on "
+            "the CPUs with CUDA_VISIBLE_DEVICES=''"
+        )
 
 
 def active() -> bool:

@@ -296,7 +296,8 @@ class Simulator:
     def _candidates(self, strategy: Strategy, data: dict[str, torch.Tensor]) -> Candidates:
         """The pruned candidates of states from their cached estimates (`data` rows), widened to one width."""
         parts = []
-        chunk = chunk_rows(self.k, int(data["run"][0].sum()) if len(data["run"]) else 0, strategy, self.kernel)
+        chunk = chunk_rows(self.k, int(data["run"][0].sum()) if len(data["run"]) else 0, strategy, self.kernel,
+                           data["quality"].device)
         for j in range(0, data["run"].shape[0], chunk):
             sl = slice(j, j + chunk)
             factor = data["factor"][sl] if "factor" in data else None

@@ -608,7 +608,9 @@ def _numeric(df: pd.DataFrame, col: str) -> np.ndarray:
     column = df[col]
     if pd.api.types.is_numeric_dtype(column):
         return column.to_numpy(dtype=np.float64, na_value=np.nan)
-    values = pd.to_numeric(column, errors="coerce")
+    # Python's float() is correctly rounded, so a CSV number equals its Parquet twin; pandas' own text
+    # parser (`to_numeric`) is off by an ulp on some versions
+    values = pd.Series([_float_or_nan(v) for v in column], index=column.index, dtype=np.float64)
     bad = (values.isna() & column.notna()).to_numpy()
     if bad.any():
         i = int(np.argmax(bad))
@@ -617,6 +619,14 @@ def _numeric(df: pd.DataFrame, col: str) -> np.ndarray:
             f"{_where(df, i)}; write numbers (leave optional values empty/null when unknown)"
         )
     return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _float_or_nan(value) -> float:
+    """A cell as a float; NaN for a null or a value that is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return np.nan
 
 
 def _where(df: pd.DataFrame, i: int) -> str:

@@ -23,8 +23,8 @@ from router_train.kernel import (
     subset_table,
 )
 from router_train.kernel.candidates import Candidates
-from router_train.kernel.decide import chunk_rows
-from router_train.kernel.subsets import prefix_table
+from router_train.kernel.decide import CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS, chunk_rows
+from router_train.kernel.subsets import count_subsets, prefix_table
 from router_train.strategy import Strategy
 
 GRID = [0.0, 0.125, 0.25, 0.5, 0.5 + 4e-7, 0.75, 1.0]  # 0.5 + 4e-7 ties 0.5 within the tolerance
@@ -182,6 +182,19 @@ def test_uncapped_cascade_with_62_models_is_linear_in_k():
     got = kernel_decisions(quality, cost, runs, cov, strategy, expensive, config)
     assert got == oracle_decisions(quality, cost, runs, cov, strategy, expensive, 16)
     assert {nxt for nxt, _, _ in got} - {-1}, "some query goes on"
+
+
+def test_cuda_chunks_are_bounded_by_their_elements_not_by_the_cpu_chunk_size():
+    """On CUDA a chunk is as many queries as CUDA_CHUNK_ELEMENTS allows (few, large launches); on CPU at most
+    `chunk_size`, and fewer where a query's working set is large (k = 11, depth 5: 1,024 subsets)."""
+    config = KernelConfig()
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    big = Strategy("cascade_routing", 5, lambdas=(1.0,) * 5)
+    per_row = count_subsets(11, 5) * config.n_samples
+    assert chunk_rows(11, 0, big, config) == CHUNK_ELEMENTS // per_row < config.chunk_size
+    assert chunk_rows(11, 0, big, config, cuda) == CUDA_CHUNK_ELEMENTS // per_row
+    small = Strategy("cascade_routing", 2, lambdas=(1.0,) * 2)
+    assert chunk_rows(4, 0, small, config) == config.chunk_size < chunk_rows(4, 0, small, config, cuda)
 
 
 def kernel_benchmark():

@@ -207,6 +207,34 @@ def test_lora_fine_tuning_exports_its_adapter(tmp_path):
     torch.testing.assert_close(a, b)
 
 
+def test_after_fine_tuning_each_query_is_embedded_once(tmp_path, monkeypatch):
+    """Once training ends the tuned encoder is frozen: the passes that fit the move gains, Σ and its scale
+    use one embedding per query instead of running the encoder for every state and run set."""
+    from estimators import learned as learned_module
+
+    table = random_table(60, 3, seed=7).train()
+    config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "c", epochs=1)
+    config.finetune = True
+    config.encoder.lora = LoraSettings(r=2, alpha=4)
+    trained, encoded = [], []
+    forward, train_quality = TextEncoder.forward, learned_module.train_quality
+
+    def counting(self, input_ids, attention_mask):
+        if trained:
+            encoded.append(len(input_ids))
+        return forward(self, input_ids, attention_mask)
+
+    def marking(*args, **kwargs):
+        history = train_quality(*args, **kwargs)
+        trained.append(True)
+        return history
+
+    monkeypatch.setattr(TextEncoder, "forward", counting)
+    monkeypatch.setattr(learned_module, "train_quality", marking)
+    estimator = LearnedEstimator(config).fit(table)
+    assert trained and estimator.posthoc and sum(encoded) == table.n
+
+
 def test_cells_without_confidence_or_answer_give_finite_estimates(trained):
     """Serving tables leave unknown cells empty (None answers, NaN confidence): estimates stay finite."""
     _, table, estimator = trained

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router_train import CascadeRouter
+from router_train import CascadeRouter, distributed
 from router_train import train as recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 --standalone -m router_train.train --config CONFIG ARGS`, 1 thread each."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")  # CPU processes (gloo) on a GPU machine too
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "router_train.train", "--config", str(config), "--threads", "1", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -87,3 +88,20 @@ def test_resume_state_of_another_process_count_is_discarded(tmp_path):
     assert (state / "train").exists() and "resuming training from the checkpoint after epoch 3" in messages[0]
     recipe.resume_state(state, dict(fingerprint, processes=2), messages.append)
     assert not (state / "train").exists() and "the number of processes changed" in messages[1]
+
+
+def test_more_processes_than_gpus_is_refused_naming_the_fix(monkeypatch, capsys):
+    """Two processes on a machine that sees one GPU: a one-line error before any process group is made
+    (NCCL would stop both with "Duplicate GPU detected")."""
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--config", str(ROOT / "configs" / "default.yaml")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "2 processes on this machine but 1 GPU(s) visible" in error and "--nproc_per_node" in error
+    assert "CUDA_VISIBLE_DEVICES" in error and not distributed.dist.is_initialized()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per GPU on each of two machines: allowed
+    distributed.check_gpus_per_process()
