@@ -63,7 +63,8 @@ def staged_output_dir(path: str | os.PathLike, *, overwrite: bool, flag: str = "
     staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        with signals_deferred():  # a Ctrl-C between making the directory and naming it would leave it behind
+            staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         os.chmod(staging, 0o755)
         yield staging
         replace_directory(staging, path)

@@ -3,6 +3,7 @@ earlier report survives every failure) and reports user errors in one line."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from factories import random_frame
 
 from estimators import NoisyEstimator
 from router_train import evaluate as evaluate_cli
+from router_train import outputs
 from router_train.rules import RulesBaseline
 from router_train.table import load_table
 
@@ -117,6 +119,19 @@ def test_earlier_results_survive_every_failure(table_path, tmp_path, capsys, mon
             evaluate_cli.main(["--data", str(table_path), *args])
         assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["bad.csv", "report"]
     monkeypatch.undo()
+    # a Ctrl-C (a real SIGINT) just as the staging directory is made: it is removed all the same
+    mkdtemp = outputs.tempfile.mkdtemp
+
+    def signalled(*a, **k):
+        made = mkdtemp(*a, **k)
+        if k.get("prefix", "").startswith(".report."):
+            signal.raise_signal(signal.SIGINT)
+        return made
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", signalled)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_cli.main(["--data", str(table_path), *args])
+    monkeypatch.undo()
+    assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["bad.csv", "report"]
     # a file at --out is refused, never deleted, even with --overwrite
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
