@@ -62,9 +62,11 @@ def init(threads: int | None = None) -> None:
 
 def check_gpus_per_process() -> None:
     """Refuse a multi-process launch with more processes on this machine than GPUs it sees: NCCL needs a GPU
-    per process, and would otherwise stop every process with "Duplicate GPU detected" deep inside torch."""
+    per process, and would otherwise stop every process with "Duplicate GPU detected" deep inside torch.
+    The launchers (torchrun, accelerate launch) say how many processes share the machine in
+    LOCAL_WORLD_SIZE; without it nothing is checked (WORLD_SIZE may count several machines)."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if gpus and local > gpus:
         raise ValueError(
             f"{local} processes on this machine but {gpus} GPU(s) visible: a GPU run needs one GPU per process; "

@@ -105,3 +105,5 @@ def test_more_processes_than_gpus_is_refused_naming_the_fix(monkeypatch, capsys)
     assert "CUDA_VISIBLE_DEVICES" in error and not distributed.dist.is_initialized()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per GPU on each of two machines: allowed
     distributed.check_gpus_per_process()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher that does not say: not refused
+    distributed.check_gpus_per_process()
