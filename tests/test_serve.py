@@ -230,7 +230,15 @@ def test_the_command_serves_with_one_or_more_workers_as_in_process(tiny_export, 
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda q: post(url, {"queries": [q]}), queries))
         assert [status for status, _ in results] == [200] * 64
-        assert [body["decisions"][0] for _, body in results] == [d.to_dict() for d in router.route_batch(queries)]
+        # one query per request against one batch of 64: the estimates may differ in the last bits (matrix
+        # kernels pick their blocking by batch size on some CPUs), the decisions may not
+        answered = [body["decisions"][0] for _, body in results]
+        in_process = [d.to_dict() for d in router.route_batch(queries)]
+        numbers = ("quality", "cost")
+        assert [{k: v for k, v in d.items() if k not in numbers} for d in answered] == [
+            {k: v for k, v in d.items() if k not in numbers} for d in in_process]
+        for got, want in zip(answered, in_process):
+            assert all(got[key] == pytest.approx(want[key], rel=1e-6) for key in numbers)
         counted, until = 'router_requests_total{endpoint="/route_batch",status="200"} 64', time.monotonic() + 15
         while counted not in _get(url + "/metrics"):  # whichever worker answers counts every worker's requests
             assert time.monotonic() < until, "/metrics did not count the 64 requests within 15 s"
