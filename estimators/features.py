@@ -48,6 +48,8 @@ class AnswerFeatures:
     length: torch.Tensor  # (n, k) float32 log(1 + characters), 0 where missing
     agree: torch.Tensor  # (n, k, k) float32: 1 where the two answers' keys are equal
     overlap: torch.Tensor  # (n, k, k) float32: Jaccard similarity of the answers' word sets
+    tokens_out: torch.Tensor  # (n, k) float32 log(1 + completion tokens), 0 where missing
+    has_tokens_out: torch.Tensor  # (n, k) bool
 
     def rows(self, rows: torch.Tensor) -> "AnswerFeatures":
         return AnswerFeatures(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
@@ -58,9 +60,12 @@ def answer_features(
     confidence: torch.Tensor | None,
     n: int,
     k: int,
+    tokens_out: torch.Tensor | None = None,
 ) -> AnswerFeatures:
-    """Features of an n × k grid of answers (None = no answer) and log-prob confidences (NaN = none; above
-    0 counts as 0)."""
+    """Features of an n × k grid of answers (None = no answer), log-prob confidences (NaN = none; above
+    0 counts as 0) and completion token counts (NaN = none; how long a model took to answer says how sure
+    it was: on mmlu_pro's training queries a short completion is a right one more often, within every
+    category)."""
     has_answer = torch.zeros(n, k, dtype=torch.bool)
     length = torch.zeros(n, k)
     key_id = torch.full((n, k), -1, dtype=torch.long)
@@ -92,4 +97,10 @@ def answer_features(
         # a log-probability is at most 0: a larger one (rounding, a unit error) counts as 0 instead of
         # overflowing exp(confidence) in the network into NaN estimates
         conf = torch.where(has_conf, confidence.clamp(max=0.0), 0.0).float()
-    return AnswerFeatures(has_answer, conf, has_conf, length, agree, overlap)
+    if tokens_out is None:
+        has_tokens = torch.zeros(n, k, dtype=torch.bool)
+        tokens = torch.zeros(n, k)
+    else:
+        has_tokens = torch.isfinite(tokens_out) & (tokens_out >= 0)
+        tokens = torch.where(has_tokens, torch.log1p(tokens_out.clamp(min=0).double()), 0.0).float()
+    return AnswerFeatures(has_answer, conf, has_conf, length, agree, overlap, tokens, has_tokens)

@@ -2,7 +2,7 @@
 
 - Ex-ante (nothing run): a prior read off the most similar training queries (same source tag when
   known) corrected by an MLP on the query embedding; post-hoc: the same network given the run models'
-  answers (confidence calibrated per model and source, length, agreement), through a transformer over
+  answers (confidence and completion length calibrated per model and source, agreement), through a transformer over
   model tokens and a wide regression on post-hoc features. One forward pass estimates all k models.
 - Two modes: a frozen encoder with embeddings computed once and cached (fast on CPU), or LoRA
   fine-tuning of the encoder through peft (GPU).
@@ -13,7 +13,7 @@
   router can make below the depth cap); on held-back rows its scale is calibrated so that intervals
   q̂ ± z·σ cover that move at the stated rate, and correlations of the moves per run-set size give the
   off-diagonal terms.
-- Trained on a table with neither answers nor confidences, running a model reveals nothing: every
+- Trained on a table with no answers, confidences or completion lengths, running a model reveals nothing: every
   estimate stays the ex-ante one and Σ is 0 (`posthoc: false` in the export), so cascade routing
   decides as routing does instead of paying for runs that cannot change an estimate.
 - Saved as `estimator.safetensors` (all tensors) + `estimator.json` (config), like a peft adapter.
@@ -95,7 +95,7 @@ class LearnedEstimator(QualityEstimator):
         self.calibrator = ConfidenceCalibrator()
         self.scale = 1.0
         self.correlation = torch.ones(1, 1, 1)
-        self.posthoc = True  # the training table had answers or confidences: running a model can inform
+        self.posthoc = True  # the training table had answers, confidences or completion lengths: running a model can inform
         self.history: list[dict] = []
         self.members: list[LearnedEstimator] = []  # ensemble > 1: one estimator per seed, estimates averaged
 
@@ -124,7 +124,7 @@ class LearnedEstimator(QualityEstimator):
                 own = {n: features[n] for n in _MEMBER_FEATURES} if i == 0 else member._own_features(features)
                 features.update({f"member{i}.{n}": v for n, v in own.items()})
             return features
-        answers = answer_features(table.answers, table.confidence, table.n, table.k)
+        answers = answer_features(table.answers, table.confidence, table.n, table.k, table.tokens_out)
         features = {f"answers.{f}": getattr(answers, f) for f in _ANSWER_FIELDS}
         features["embedding"] = self.embed(list(table.queries), progress) if embeddings is None else embeddings
         features["source"] = self.source_index(table.sources)
@@ -138,7 +138,9 @@ class LearnedEstimator(QualityEstimator):
         source = features["source"]
         return {"prior": self.neighbors.logits(features["embedding"], source),
                 "calibrated": self.calibrator.transform(features["answers.confidence"],
-                                                        features["answers.has_confidence"], source)}
+                                                        features["answers.has_confidence"], source,
+                                                        features["answers.tokens_out"],
+                                                        features["answers.has_tokens_out"])}
 
     def source_index(self, sources: list[str]) -> torch.Tensor:
         """Network index of each source tag: 1 + its position among the training tags, 0 if unknown."""
@@ -161,16 +163,18 @@ class LearnedEstimator(QualityEstimator):
         order = torch.randperm(table.n, generator=gen)
         n_val = max(1, int(round(cfg.val_fraction * table.n)))
         val_rows, fit_rows = order[:n_val].sort().values, order[n_val:].sort().values
-        answers = answer_features(table.answers, table.confidence, table.n, table.k)
-        self.posthoc = bool(answers.has_answer.any() or answers.has_confidence.any())
+        answers = answer_features(table.answers, table.confidence, table.n, table.k, table.tokens_out)
+        self.posthoc = bool(answers.has_answer.any() or answers.has_confidence.any() or answers.has_tokens_out.any())
         quality = table.quality.float()
         source = self.source_index(table.sources)
         encoder = self._encoder()
         embedding = self.embed(list(table.queries), progress)  # (before any fine-tuning) for the prior
         self.neighbors.fit(embedding[fit_rows], quality[fit_rows], source[fit_rows], len(self.sources))
         self.calibrator.fit(answers.confidence[fit_rows], answers.has_confidence[fit_rows], quality[fit_rows],
-                            source[fit_rows], len(self.sources))
-        calibrated = self.calibrator.transform(answers.confidence, answers.has_confidence, source)
+                            source[fit_rows], len(self.sources), answers.tokens_out[fit_rows],
+                            answers.has_tokens_out[fit_rows])
+        calibrated = self.calibrator.transform(answers.confidence, answers.has_confidence, source,
+                                               answers.tokens_out, answers.has_tokens_out)
         itself = torch.full((table.n,), -1, dtype=torch.long)
         itself[fit_rows] = torch.arange(len(fit_rows))  # a training query is not its own neighbour
         blind = torch.zeros_like(source)

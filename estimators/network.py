@@ -2,8 +2,10 @@
 it with whatever the run models answered, for every run set.
 
 `logit_i = prior_i + ante_i(query) + post_i(tokens) + wide_i(answers)` for a model not run, and
-`calibrated_i + wide_i(answers)` for one that ran (its answer's confidence, calibrated per model and
-source, corrected by the agreement with the others). The prior (an input, see
+`calibrated_i + wide_i(answers)` for one that ran with a confidence (its answer's confidence and length,
+calibrated per model and source, corrected by the agreement with the others); a run model whose answer
+came without a confidence keeps its ex-ante logit, corrected by the wide part (calibrated length,
+agreement). The prior (an input, see
 `neighbors.py`) is each model's quality on the most similar training queries; the ex-ante MLP corrects
 it from the query embedding (and the source tag when one is known). Each of the k models is a token: a
 learned model embedding, the projected query, its ex-ante logit, and what is known about its answer
@@ -111,6 +113,14 @@ def wide_features(
     return torch.cat([per_model, by_source, agree], dim=1)
 
 
+def starts_from_answer(answers: AnswerFeatures, run: torch.Tensor) -> torch.Tensor:
+    """(B, k) bool: the models whose estimate starts from their answer's calibrated confidence. The others
+    start from their ex-ante logit: models not run, and run models whose answer came without a confidence
+    (a bare answer says nothing of its own correctness; its calibrated value would be the (model, source)
+    base rate, which would throw away what the query says)."""
+    return run & answers.has_confidence
+
+
 def move_gains(gain: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
     """Per state and model (B, k), the entry of `gain` (2,) for whether the model ran."""
     return gain.to(run.device)[run.long()]
@@ -192,8 +202,7 @@ class QualityNet(nn.Module):
         # the tokens inform models not yet run; a run model's answer speaks through the wide part
         wide = wide_features(answers, run, calibrated, prior, source, self.config.n_sources)
         correction = (hidden * self.readout).sum(2) * ~run + self._wide(wide, run)
-        # a model that has run starts from its answer's calibrated confidence, the others from the ex-ante logit
-        return torch.where(run, calibrated, ante) + correction, hidden
+        return torch.where(starts_from_answer(answers, run), calibrated, ante) + correction, hidden
 
     def _wide(self, wide: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """The wide regression's logits (B, k): a model's own answer changes which evidence counts, so each

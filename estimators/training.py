@@ -34,7 +34,7 @@ from router_train import distributed
 from router_train.outputs import atomic_write_json, staged_output_dir
 
 from .features import AnswerFeatures
-from .network import QualityNet, wide_features
+from .network import QualityNet, starts_from_answer, wide_features
 from .run_sets import sample_run_sets, sample_states
 
 Logger = Callable[[dict], None]
@@ -137,7 +137,7 @@ def fit_shallow(
         answers = AnswerFeatures(*(getattr(data.answers, f)[rows] for f in AnswerFeatures.__dataclass_fields__))
         wide = wide_features(answers, run, data.calibrated[rows], data.prior[rows], data.source[rows],
                              net.config.n_sources)
-        base = torch.where(run, data.calibrated[rows], data.prior[rows])
+        base = torch.where(starts_from_answer(answers, run), data.calibrated[rows], data.prior[rows])
         return wide.to(device), base.to(device), data.quality[rows].to(device), run.to(device)
 
     wide, base, target, run = design(fit_rows, settings.seed + 5)

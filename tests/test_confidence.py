@@ -69,3 +69,57 @@ def test_wide_features_are_zero_for_models_not_run_and_see_agreement():
     assert share[0].tolist() == [1.0, 1.0, 0.0]  # models 0 and 1 agree; model 2 has not run
     alone = wide[:, 8 * k : 9 * k]
     assert alone.tolist() == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+
+
+def test_completion_length_is_calibrated_per_model_and_source_and_old_calibrators_ignore_it():
+    """Without any confidence, a model that answers at length is less often right in source 1 and more often
+    in source 2: the calibrated logits follow the length there, and a calibrator saved with the two
+    confidence signals only (before lengths were one) still loads and ignores the length."""
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    source = torch.randint(1, 3, (n,), generator=g)
+    tokens = torch.randint(1, 400, (n, 2), generator=g).double()
+    answers = answer_features([["A", "B"]] * n, None, n, 2, tokens)
+    z = (answers.tokens_out - answers.tokens_out.mean()) / answers.tokens_out.std()
+    p = torch.sigmoid(torch.where(source.unsqueeze(1) == 1, -2 * z, 2 * z))
+    quality = (torch.rand(n, 2, generator=g) < p).float()
+    cal = ConfidenceCalibrator().fit(answers.confidence, answers.has_confidence, quality, source, 2,
+                                     answers.tokens_out, answers.has_tokens_out)
+    logits = cal.transform(answers.confidence, answers.has_confidence, source, answers.tokens_out,
+                           answers.has_tokens_out)
+    long, short = z[:, 0] > 1, z[:, 0] < -1
+    for s, sign in ((1, -1), (2, 1)):
+        mine = source == s
+        assert sign * (logits[mine & long, 0].mean() - logits[mine & short, 0].mean()) > 2.0
+    blind = cal.transform(answers.confidence, answers.has_confidence, source)  # no lengths given: base rates
+    assert torch.allclose(blind[source == 1][0], blind[source == 1][1])
+    state = cal.state_dict()
+    old = {"mean": state["mean"][:2], "std": state["std"][:2], "weight": state["weight"][..., :2],
+           "bias": state["bias"]}
+    loaded = ConfidenceCalibrator().load_state_dict(old)
+    assert torch.equal(loaded.transform(answers.confidence, answers.has_confidence, source, answers.tokens_out,
+                                        answers.has_tokens_out), blind)
+
+
+def test_a_run_model_without_confidence_starts_from_its_ex_ante_logit():
+    """A bare answer (no log-prob) says nothing of its own correctness: with the corrections at zero, the
+    run model's logit is its ex-ante one, not its (model, source) base rate; with a confidence it is the
+    calibrated one."""
+    from estimators.network import NetConfig, QualityNet
+
+    torch.manual_seed(0)
+    b, k, d = 6, 3, 8
+    net = QualityNet(NetConfig(d, k, hidden=16, layers=0, heads=2, dropout=0.0)).eval()
+    torch.nn.init.normal_(net.ante[-1].weight)  # a query-dependent ex-ante part
+    embedding, prior = torch.randn(b, d), torch.randn(b, k)
+    calibrated = torch.full((b, k), 5.0)
+    run = torch.zeros(b, k, dtype=torch.bool)
+    run[:, 0] = True
+    bare = answer_features([["A", "A", "B"]] * b, None, b, k)
+    with torch.no_grad():
+        ante, _ = net(embedding, bare, torch.zeros_like(run), prior, calibrated)
+        post, _ = net(embedding, bare, run, prior, calibrated)
+        sure, _ = net(embedding, answer_features([["A", "A", "B"]] * b, torch.full((b, k), -0.1), b, k), run,
+                      prior, calibrated)
+    assert torch.allclose(post[:, 0], ante[:, 0]) and ante[:, 0].std() > 0.1
+    assert torch.allclose(sure[:, 0], calibrated[:, 0])

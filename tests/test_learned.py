@@ -248,10 +248,10 @@ def test_cells_without_confidence_or_answer_give_finite_estimates(trained):
 
 
 def test_without_answers_or_confidences_running_a_model_changes_no_estimate(tmp_path):
-    """Trained on a table with neither answers nor confidences (e.g. LLMRouter's), the post-hoc estimate of
+    """Trained on a table with no answers, confidences or completion lengths (e.g. LLMRouter's), the post-hoc estimate of
     every state is the ex-ante one and Σ is 0: cascade routing cannot pay for runs that reveal nothing."""
     table = random_table(200, 4, seed=6)
-    table.answers, table.confidence = None, None
+    table.answers, table.confidence, table.tokens_out = None, None, None
     config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "cache", epochs=5)
     estimator = LearnedEstimator(config).fit(table.train())
     assert estimator.posthoc is False
