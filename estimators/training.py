@@ -134,7 +134,7 @@ def fit_shallow(
             keep = torch.randperm(index.numel(), generator=generator)[: settings.shallow_states].sort().values
             index, run = index[keep], run[keep]
         rows = rows[index]
-        answers = AnswerFeatures(*(getattr(data.answers, f)[rows] for f in AnswerFeatures.__dataclass_fields__))
+        answers = data.answers.rows(rows)
         wide = wide_features(answers, run, data.calibrated[rows], data.prior[rows], data.source[rows],
                              net.config.n_sources)
         base = torch.where(starts_from_answer(answers, run), data.calibrated[rows], data.prior[rows])
