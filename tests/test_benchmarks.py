@@ -1,6 +1,7 @@
 """Benchmark scripts on tiny tables: estimator_signal (every estimator gets a row, the test split is never read),
-repeated_splits (its summary is the mean and paired differences of the per-run metrics), and the kernel
-benchmark (its baselines make the kernel's decisions; it exits 0 and prints its ratio last)."""
+repeated_splits (its summary is the mean and paired differences of the per-run metrics), the kernel
+benchmark (its baselines make the kernel's decisions; it exits 0 and prints its ratio last), and
+agreement_ceiling (its policies' figures, from the training split alone)."""
 
 import importlib.util
 import json
@@ -228,3 +229,38 @@ def test_calibration_benchmark_runs_a_size_in_a_process_of_its_own(tmp_path):
     ).stdout
     row = json.loads(out.strip().splitlines()[-1])
     assert row["queries"] == 300 and row["seconds"] > 0 and row["peak_mib"] > 0
+
+
+def test_agreement_ceiling_scores_its_policies_on_training_queries_only(tmp_path):
+    ceiling = _load("agreement_ceiling")
+    frame = random_frame(300, 4, seed=7)
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    argv = ["--data", str(tmp_path / "t.parquet"), "--models", "model-1,model-2,model-3"]
+    result = ceiling.main(argv)
+    train = frame[frame["split"] == "train"]
+    wide = {f: train.pivot(index="query_id", columns="model", values=f) for f in ("quality", "cost", "answer")}
+    q, c, a = wide["quality"], wide["cost"], wide["answer"]
+    agree = a["model-1"] == a["model-2"]
+    expected = (q["model-1"].where(agree, q["model-3"]).mean(),
+                (c["model-1"] + c["model-2"] + c["model-3"].where(~agree, 0.0)).mean())
+    assert result["first two agree, else last"] == pytest.approx(expected)
+    assert result["model-3 alone"] == pytest.approx((q["model-3"].mean(), c["model-3"].mean()))
+    # a majority among three answers is kept; where all three differ, the best of them is (model-3 here)
+    listed = a[["model-1", "model-2", "model-3"]]
+    truth = a.where(q == 1).bfill(axis=1).iloc[:, 0]  # the answer of any model that was right (NaN: none was)
+    majority = listed.apply(lambda r: r.duplicated().any(), axis=1)
+    voted = np.where(majority, listed.mode(axis=1)[0] == truth, q["model-3"] == 1)
+    assert result["majority vote"][0] == pytest.approx(voted.mean())
+    assert result["best per (source, agreement)"][0] >= result["model-1 alone"][0]
+
+    flipped = frame.copy()
+    test_rows = flipped["split"] == "test"
+    flipped.loc[test_rows, "quality"] = 1.0 - flipped.loc[test_rows, "quality"]
+    flipped.to_parquet(tmp_path / "t.parquet", index=False)
+    assert ceiling.main(argv) == result  # the test split is never read
+
+    with pytest.raises(SystemExit, match="unknown: \\['gpt'\\]"):
+        ceiling.main(["--data", str(tmp_path / "t.parquet"), "--models", "model-1,gpt"])
+    frame.drop(columns=["answer"]).to_parquet(tmp_path / "bare.parquet", index=False)
+    with pytest.raises(SystemExit, match="no `answer` column"):
+        ceiling.main(["--data", str(tmp_path / "bare.parquet"), "--models", "model-1,model-2"])

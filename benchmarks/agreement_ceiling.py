@@ -1,0 +1,114 @@
+"""What running a few models on every query and keeping one answer could reach, on training queries only.
+
+    python benchmarks/agreement_ceiling.py --data ../shared/data/mmlu_pro.parquet --missing drop \
+        --models gemini-1.5-flash-002,DeepSeek-Coder-V2,gemini-1.5-pro-002
+
+A yardstick for cascade routing's gain over routing on a pool: if keeping the right one of a few answers
+gains little over routing by source on the training queries, no router over those models gains much more.
+K-fold by query over the training split (the test split is never read); every choice is fitted on the
+other folds. Printed, mean quality and mean cost per query of: each listed model alone; routing by
+source (each source's best model of the whole table); a majority vote among the listed models (no
+majority: the best of them by mean quality); keeping, per (source, pattern of agreement among the listed
+models), the listed model best in that cell (the source's best where a cell is empty); and the cascade
+"run the first two listed, keep the first's answer when they agree, else run the last listed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import numpy as np
+
+from estimators.features import answer_key
+from router_train.table import SPLIT_MODES, load_table
+
+
+def agreement_patterns(keys: list[list[str | None]]) -> list[tuple[bool, ...]]:
+    """Per query, whether each pair of the given answers agrees (a missing answer agrees with none)."""
+    return [tuple(a is not None and a == b for a, b in itertools.combinations(row, 2)) for row in keys]
+
+
+def best_by_group(groups: list, quality: np.ndarray, fit: np.ndarray) -> dict:
+    """Column of `quality` with the highest mean over the `fit` rows of each group."""
+    out = {}
+    for g in set(groups[i] for i in np.flatnonzero(fit)):
+        rows = fit & np.array([x == g for x in groups])
+        out[g] = int(quality[rows].mean(0).argmax())
+    return out
+
+
+def ceilings(quality: np.ndarray, cost: np.ndarray, keys: list[list[str | None]], sources: list[str],
+             models: list[str], listed: list[int], folds: int, seed: int) -> dict[str, tuple[float, float]]:
+    """(mean quality, mean cost) of each policy of the module docstring, every choice fitted out of fold;
+    `keys` are the normalized answers (n × k), `listed` the columns of the models run on every query."""
+    n = len(quality)
+    fold = np.random.default_rng(seed).integers(0, folds, n)
+    pick: dict[str, np.ndarray] = {name: np.zeros(n, dtype=int) for name in ("route", "vote", "pattern")}
+    sub = [[row[j] for j in listed] for row in keys]
+    patterns = agreement_patterns(sub)
+    cells = [(s, p) for s, p in zip(sources, patterns)]
+    for f in range(folds):
+        fit, held = fold != f, fold == f
+        by_source = best_by_group(sources, quality, fit)
+        overall = int(quality[fit].mean(0).argmax())
+        listed_best = listed[int(quality[fit][:, listed].mean(0).argmax())]
+        source_listed = {s: listed[j] for s, j in best_by_group(sources, quality[:, listed], fit).items()}
+        by_cell = {c: listed[j] for c, j in best_by_group(cells, quality[:, listed], fit).items()}
+        for i in np.flatnonzero(held):
+            pick["route"][i] = by_source.get(sources[i], overall)
+            votes = [a for a in sub[i] if a is not None]
+            top = max(set(votes), key=votes.count) if votes else None
+            if top is not None and votes.count(top) * 2 > len(listed):
+                pick["vote"][i] = listed[sub[i].index(top)]
+            else:
+                pick["vote"][i] = listed_best
+            pick["pattern"][i] = by_cell.get(cells[i], source_listed.get(sources[i], listed_best))
+    rows = np.arange(n)
+    every = cost[:, listed].sum(1).mean()
+    out = {f"{models[j]} alone": (float(quality[:, j].mean()), float(cost[:, j].mean())) for j in listed}
+    out["routing by source"] = (float(quality[rows, pick["route"]].mean()), float(cost[rows, pick["route"]].mean()))
+    out["majority vote"] = (float(quality[rows, pick["vote"]].mean()), float(every))
+    out["best per (source, agreement)"] = (float(quality[rows, pick["pattern"]].mean()), float(every))
+    first, second, last = listed[0], listed[1], listed[-1]
+    agree = np.array([a is not None and a == b for a, b in ((row[first], row[second]) for row in keys)])
+    out["first two agree, else last"] = (
+        float(np.where(agree, quality[:, first], quality[:, last]).mean()),
+        float((cost[:, first] + cost[:, second] + np.where(agree, 0.0, cost[:, last])).mean()),
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
+    """Print the table; returns (mean quality, mean cost) by policy."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--models", required=True, help="comma-separated: two or more models of the table")
+    p.add_argument("--split", default="auto", choices=SPLIT_MODES)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--missing", default="error", choices=["error", "drop"])
+    p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    table = load_table(args.data, missing=args.missing, split=args.split, test_fraction=args.test_fraction,
+                       seed=args.seed).train()
+    if table.answers is None:
+        raise SystemExit(f"{args.data} has no `answer` column: agreement needs the models' answers")
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in table.models]
+    if len(names) < 2 or unknown:
+        raise SystemExit(f"--models needs two or more of the table's models {table.models}; unknown: {unknown}")
+    if args.folds < 2:
+        raise SystemExit(f"--folds must be at least 2, got {args.folds}")
+    keys = [[answer_key(a) for a in row] for row in table.answers]
+    result = ceilings(table.quality.numpy(), table.cost.numpy(), keys, table.sources, table.models,
+                      [table.models.index(m) for m in names], args.folds, args.seed)
+    print(f"{table.n} training queries, {args.folds}-fold; quality ×100, cost per query")
+    print("| policy | quality | cost |\n|---|---|---|")
+    for name, (q, c) in result.items():
+        print(f"| {name} | {100 * q:.2f} | {c:.3g} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
