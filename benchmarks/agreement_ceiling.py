@@ -9,7 +9,8 @@ K-fold by query over the training split (the test split is never read); every ch
 other folds. Printed, mean quality and mean cost per query of: each listed model alone; routing by
 source (each source's best model of the whole table); a majority vote among the listed models (no
 majority: the best of them by mean quality); keeping, per (source, pattern of agreement among the listed
-models), the listed model best in that cell (the source's best where a cell is empty); and the cascade
+models), the listed model best in that cell (the source's best listed model where the cell has fewer than
+`--min-cell` fitted queries: a handful of queries picks by chance); and the cascade
 "run the first two listed, keep the first's answer when they agree, else run the last listed".
 """
 
@@ -29,17 +30,19 @@ def agreement_patterns(keys: list[list[str | None]]) -> list[tuple[bool, ...]]:
     return [tuple(a is not None and a == b for a, b in itertools.combinations(row, 2)) for row in keys]
 
 
-def best_by_group(groups: list, quality: np.ndarray, fit: np.ndarray) -> dict:
-    """Column of `quality` with the highest mean over the `fit` rows of each group."""
+def best_by_group(groups: list, quality: np.ndarray, fit: np.ndarray, min_rows: int = 1) -> dict:
+    """Column of `quality` with the highest mean over the `fit` rows of each group with at least `min_rows`."""
     out = {}
     for g in set(groups[i] for i in np.flatnonzero(fit)):
         rows = fit & np.array([x == g for x in groups])
-        out[g] = int(quality[rows].mean(0).argmax())
+        if rows.sum() >= min_rows:
+            out[g] = int(quality[rows].mean(0).argmax())
     return out
 
 
 def ceilings(quality: np.ndarray, cost: np.ndarray, keys: list[list[str | None]], sources: list[str],
-             models: list[str], listed: list[int], folds: int, seed: int) -> dict[str, tuple[float, float]]:
+             models: list[str], listed: list[int], folds: int, seed: int,
+             min_cell: int = 20) -> dict[str, tuple[float, float]]:
     """(mean quality, mean cost) of each policy of the module docstring, every choice fitted out of fold;
     `keys` are the normalized answers (n × k), `listed` the columns of the models run on every query."""
     n = len(quality)
@@ -54,7 +57,7 @@ def ceilings(quality: np.ndarray, cost: np.ndarray, keys: list[list[str | None]]
         overall = int(quality[fit].mean(0).argmax())
         listed_best = listed[int(quality[fit][:, listed].mean(0).argmax())]
         source_listed = {s: listed[j] for s, j in best_by_group(sources, quality[:, listed], fit).items()}
-        by_cell = {c: listed[j] for c, j in best_by_group(cells, quality[:, listed], fit).items()}
+        by_cell = {c: listed[j] for c, j in best_by_group(cells, quality[:, listed], fit, min_cell).items()}
         for i in np.flatnonzero(held):
             pick["route"][i] = by_source.get(sources[i], overall)
             votes = [a for a in sub[i] if a is not None]
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     p.add_argument("--missing", default="error", choices=["error", "drop"])
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-cell", type=int, default=20,
+                   help="fitted queries a (source, agreement) cell needs to choose its own model")
     args = p.parse_args(argv)
     table = load_table(args.data, missing=args.missing, split=args.split, test_fraction=args.test_fraction,
                        seed=args.seed).train()
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         raise SystemExit(f"--folds must be at least 2, got {args.folds}")
     keys = [[answer_key(a) for a in row] for row in table.answers]
     result = ceilings(table.quality.numpy(), table.cost.numpy(), keys, table.sources, table.models,
-                      [table.models.index(m) for m in names], args.folds, args.seed)
+                      [table.models.index(m) for m in names], args.folds, args.seed, args.min_cell)
     print(f"{table.n} training queries, {args.folds}-fold; quality ×100, cost per query")
     print("| policy | quality | cost |\n|---|---|---|")
     for name, (q, c) in result.items():
