@@ -11,7 +11,8 @@ source (each source's best model of the whole table); a majority vote among the 
 majority: the best of them by mean quality); keeping, per (source, pattern of agreement among the listed
 models), the listed model best in that cell (the source's best listed model where the cell has fewer than
 `--min-cell` fitted queries: a handful of queries picks by chance); and the cascade
-"run the first two listed, keep the first's answer when they agree, else run the last listed".
+"run the first two listed, keep the first's answer when they agree, else run the last listed" (with two
+listed, the second's answer, already paid for).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def ceilings(quality: np.ndarray, cost: np.ndarray, keys: list[list[str | None]]
     agree = np.array([a is not None and a == b for a, b in ((row[first], row[second]) for row in keys)])
     out["first two agree, else last"] = (
         float(np.where(agree, quality[:, first], quality[:, last]).mean()),
-        float((cost[:, first] + cost[:, second] + np.where(agree, 0.0, cost[:, last])).mean()),
+        float((cost[:, first] + cost[:, second] + np.where(agree | (last == second), 0.0, cost[:, last])).mean()),
     )
     return out
 

@@ -259,6 +259,8 @@ def test_agreement_ceiling_scores_its_policies_on_training_queries_only(tmp_path
     flipped.to_parquet(tmp_path / "t.parquet", index=False)
     assert ceiling.main(argv) == result  # the test split is never read
 
+    pair = ceiling.main(["--data", str(tmp_path / "t.parquet"), "--models", "model-1,model-2"])
+    assert pair["first two agree, else last"][1] == pytest.approx((c["model-1"] + c["model-2"]).mean())  # no third call
     with pytest.raises(SystemExit, match="unknown: \\['gpt'\\]"):
         ceiling.main(["--data", str(tmp_path / "t.parquet"), "--models", "model-1,gpt"])
     frame.drop(columns=["answer"]).to_parquet(tmp_path / "bare.parquet", index=False)
