@@ -22,52 +22,52 @@ import itertools
 
 import numpy as np
 
-from estimators.features import answer_key
+from estimators.features import answer_features
 from router_train.table import SPLIT_MODES, load_table
 
 
-def agreement_patterns(keys: list[list[str | None]]) -> list[tuple[bool, ...]]:
-    """Per query, whether each pair of the given answers agrees (a missing answer agrees with none)."""
-    return [tuple(a is not None and a == b for a, b in itertools.combinations(row, 2)) for row in keys]
+def group_ids(groups: list) -> np.ndarray:
+    """Integer id of each row's group (hashable labels), numbered in order of first appearance."""
+    index: dict = {}
+    return np.array([index.setdefault(g, len(index)) for g in groups])
 
 
-def best_by_group(groups: list, quality: np.ndarray, fit: np.ndarray, min_rows: int = 1) -> dict:
-    """Column of `quality` with the highest mean over the `fit` rows of each group with at least `min_rows`."""
+def best_by_group(ids: np.ndarray, quality: np.ndarray, fit: np.ndarray, min_rows: int = 1) -> dict[int, int]:
+    """Column of `quality` with the highest mean over the `fit` rows of each group id with at least `min_rows`."""
     out = {}
-    for g in set(groups[i] for i in np.flatnonzero(fit)):
-        rows = fit & np.array([x == g for x in groups])
+    for g in np.unique(ids[fit]):
+        rows = fit & (ids == g)
         if rows.sum() >= min_rows:
-            out[g] = int(quality[rows].mean(0).argmax())
+            out[int(g)] = int(quality[rows].mean(0).argmax())
     return out
 
 
-def ceilings(quality: np.ndarray, cost: np.ndarray, keys: list[list[str | None]], sources: list[str],
+def ceilings(quality: np.ndarray, cost: np.ndarray, agree: np.ndarray, sources: list[str],
              models: list[str], listed: list[int], folds: int, seed: int,
              min_cell: int = 20) -> dict[str, tuple[float, float]]:
     """(mean quality, mean cost) of each policy of the module docstring, every choice fitted out of fold;
-    `keys` are the normalized answers (n × k), `listed` the columns of the models run on every query."""
+    `agree` (n, k, k) says which answers agree (`AnswerFeatures.agree`: a missing answer agrees with none,
+    an answer with itself), `listed` the columns of the models run on every query."""
     n = len(quality)
     fold = np.random.default_rng(seed).integers(0, folds, n)
-    pick: dict[str, np.ndarray] = {name: np.zeros(n, dtype=int) for name in ("route", "vote", "pattern")}
-    sub = [[row[j] for j in listed] for row in keys]
-    patterns = agreement_patterns(sub)
-    cells = [(s, p) for s, p in zip(sources, patterns)]
+    pairs = list(itertools.combinations(listed, 2))
+    source = group_ids(sources)
+    cell = group_ids([(s, tuple(row)) for s, row in zip(sources, np.stack([agree[:, a, b] for a, b in pairs], 1))])
+    support = agree[:, listed][:, :, listed].sum(2)  # listed answers equal to each listed model's, itself included
+    majority = support.max(1) * 2 > len(listed)
+    voted = np.array(listed)[support.argmax(1)]
+    pick = {name: np.zeros(n, dtype=int) for name in ("route", "vote", "pattern")}
     for f in range(folds):
         fit, held = fold != f, fold == f
-        by_source = best_by_group(sources, quality, fit)
+        by_source = best_by_group(source, quality, fit)
         overall = int(quality[fit].mean(0).argmax())
         listed_best = listed[int(quality[fit][:, listed].mean(0).argmax())]
-        source_listed = {s: listed[j] for s, j in best_by_group(sources, quality[:, listed], fit).items()}
-        by_cell = {c: listed[j] for c, j in best_by_group(cells, quality[:, listed], fit, min_cell).items()}
+        source_listed = {s: listed[j] for s, j in best_by_group(source, quality[:, listed], fit).items()}
+        by_cell = {c: listed[j] for c, j in best_by_group(cell, quality[:, listed], fit, min_cell).items()}
         for i in np.flatnonzero(held):
-            pick["route"][i] = by_source.get(sources[i], overall)
-            votes = [a for a in sub[i] if a is not None]
-            top = max(set(votes), key=votes.count) if votes else None
-            if top is not None and votes.count(top) * 2 > len(listed):
-                pick["vote"][i] = listed[sub[i].index(top)]
-            else:
-                pick["vote"][i] = listed_best
-            pick["pattern"][i] = by_cell.get(cells[i], source_listed.get(sources[i], listed_best))
+            pick["route"][i] = by_source.get(source[i], overall)
+            pick["vote"][i] = voted[i] if majority[i] else listed_best
+            pick["pattern"][i] = by_cell.get(cell[i], source_listed.get(source[i], listed_best))
     rows = np.arange(n)
     every = cost[:, listed].sum(1).mean()
     out = {f"{models[j]} alone": (float(quality[:, j].mean()), float(cost[:, j].mean())) for j in listed}
@@ -75,10 +75,10 @@ def ceilings(quality: np.ndarray, cost: np.ndarray, keys: list[list[str | None]]
     out["majority vote"] = (float(quality[rows, pick["vote"]].mean()), float(every))
     out["best per (source, agreement)"] = (float(quality[rows, pick["pattern"]].mean()), float(every))
     first, second, last = listed[0], listed[1], listed[-1]
-    agree = np.array([a is not None and a == b for a, b in ((row[first], row[second]) for row in keys)])
+    agreed = agree[:, first, second]
     out["first two agree, else last"] = (
-        float(np.where(agree, quality[:, first], quality[:, last]).mean()),
-        float((cost[:, first] + cost[:, second] + np.where(agree | (last == second), 0.0, cost[:, last])).mean()),
+        float(np.where(agreed, quality[:, first], quality[:, last]).mean()),
+        float((cost[:, first] + cost[:, second] + np.where(agreed | (last == second), 0.0, cost[:, last])).mean()),
     )
     return out
 
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         raise SystemExit(f"--models needs two or more of the table's models {table.models}; unknown: {unknown}")
     if args.folds < 2:
         raise SystemExit(f"--folds must be at least 2, got {args.folds}")
-    keys = [[answer_key(a) for a in row] for row in table.answers]
-    result = ceilings(table.quality.numpy(), table.cost.numpy(), keys, table.sources, table.models,
+    agree = answer_features(table.answers, None, table.n, table.k).agree.bool().numpy()
+    result = ceilings(table.quality.numpy(), table.cost.numpy(), agree, table.sources, table.models,
                       [table.models.index(m) for m in names], args.folds, args.seed, args.min_cell)
     print(f"{table.n} training queries, {args.folds}-fold; quality ×100, cost per query")
     print("| policy | quality | cost |\n|---|---|---|")
