@@ -2,12 +2,18 @@
 
     python benchmarks/repeated_splits.py --data T.parquet --estimators learned,logreg --repeats 5 \\
         --test-fraction 0.5 --max-depth 3 [--missing drop] [--config configs/default.yaml] [--threads 1] \\
-        --out runs/rlc-repeats
+        [--shift mix|length] --out runs/rlc-repeats
 
 For seed s in 0..N−1 and each estimator E it runs `python -m router_train.evaluate` (through its `main`,
 with an argv list) on the seeded split of seed s into DIR/E-s; options it does not know are passed
-through to evaluate. A run whose metrics.json exists is not repeated, so an interrupted sweep resumes
-(use a fresh DIR when changing those options).
+through to evaluate. `--shift` makes the test queries differ from the training ones, as a user's next
+month of traffic may: `mix` draws each source's test share anew per seed (uniform within
+`test_fraction` ± 60 % of its distance to 0 or 1: 0.2–0.8 at 0.5), so the sources a router saw least
+can dominate its test; `length` puts a source's longer prompts in test more often than its shorter
+ones (each query's chance of being drawn grows as e^(3·r), r its length rank in the source, 0–1).
+The split is written to DIR/splits/<shift>-<seed>.parquet (the table with its `split` column set) and
+evaluated with `--split column`. A run whose metrics.json exists is not repeated, so an interrupted
+sweep resumes (use a fresh DIR when changing those options or `--shift`).
 Printed and written to DIR/summary.md and DIR/summary.json: mean ± sd of every method's AUC per
 estimator (linear, oracle and rules included), and paired differences over the N splits with 95 %
 t-intervals: per estimator cascade_routing − rules and cascade_routing − routing, and the first
@@ -18,20 +24,29 @@ estimator's cascade_routing minus each other's. A difference whose interval excl
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from router_train import evaluate
 from router_train.outputs import atomic_write_bytes, atomic_write_json
+from router_train.table import read_frame
 
 OWN_OPTIONS = ("--data", "--test-data", "--estimator", "--estimators", "--repeats", "--split", "--test-fraction",
-               "--seed", "--out")
+               "--seed", "--out", "--shift")
 """Options this script sets (or, --test-data, excludes) for every run; passing them through to evaluate is refused."""
 LEVEL = 0.95
+SHIFTS = ("none", "mix", "length")
+MIX_WIDTH = 0.6
+"""`mix`: each source's test share is uniform within test_fraction ± MIX_WIDTH × min(test_fraction,
+1 − test_fraction)."""
+LENGTH_TILT = 3.0
+"""`length`: a query's weight in the draw of test queries is e^(LENGTH_TILT × its length rank in its source)."""
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -65,11 +80,71 @@ def paired(values: list[float]) -> dict:
     return {"mean": mean, "sd": sd, "ci": [mean - half, mean + half], "values": x.tolist()}
 
 
+class ShiftError(ValueError):
+    """A table `--shift` cannot read or shift."""
+
+
+def shifted_test_ids(
+    query_ids: np.ndarray, lengths: np.ndarray, sources: np.ndarray, shift: str, test_fraction: float, seed: int
+) -> set[str]:
+    """The test queries of one shifted split (see the module's docstring): per source, a seeded draw of
+    round(share × its queries), with the share drawn per source (`mix`) or the draw tilted towards long
+    prompts (`length`)."""
+    rng = np.random.default_rng(seed)
+    groups = sorted(set(sources))
+    if shift == "mix" and len(groups) < 2:
+        raise ShiftError("--shift mix needs a `source` column with at least 2 distinct values (the mix it "
+                         "shifts); use --shift length, or no --shift")
+    width = MIX_WIDTH * min(test_fraction, 1.0 - test_fraction)
+    test: set[str] = set()
+    for group in groups:
+        members = np.flatnonzero(sources == group)
+        members = members[np.argsort(query_ids[members], kind="stable")]  # independent of row order
+        share = rng.uniform(test_fraction - width, test_fraction + width) if shift == "mix" else test_fraction
+        n_test = int(round(share * len(members)))
+        if shift == "length":
+            rank = np.argsort(np.argsort(lengths[members], kind="stable"), kind="stable") / max(len(members) - 1, 1)
+            # a draw weighted by e^(tilt·rank) (Efraimidis–Spirakis keys: the largest are drawn)
+            keys = np.log(rng.random(len(members))) / np.exp(LENGTH_TILT * rank)
+        else:
+            keys = rng.random(len(members))
+        test.update(query_ids[members[np.argsort(-keys, kind="stable")[:n_test]]].tolist())
+    return test
+
+
+def write_shifted_split(data: str, shift: str, test_fraction: float, seed: int, out: Path) -> Path:
+    """The table at `data` with its `split` column set to one shifted split, saved as Parquet under `out`."""
+    try:
+        frame = read_frame(data)
+    except (OSError, ValueError) as e:
+        raise ShiftError(str(e)) from None
+    for column in ("query_id", "query"):
+        if column not in frame.columns:
+            raise ShiftError(f"{data}: --shift needs the column {column!r} (one row per query and model)")
+    ids = frame["query_id"].astype(str).to_numpy(dtype=object)
+    first = pd.Series(np.arange(len(frame))).groupby(ids, sort=True).first().to_numpy()
+    sources = (frame["source"].fillna("").astype(str) if "source" in frame.columns
+               else pd.Series([""] * len(frame))).to_numpy(dtype=object)
+    lengths = frame["query"].fillna("").astype(str).str.len().to_numpy()
+    test = shifted_test_ids(ids[first], lengths[first], sources[first], shift, test_fraction, seed)
+    frame = frame.assign(split=np.where(pd.Series(ids).isin(test), "test", "train"))
+    path = out / "splits" / f"{shift}-{seed}.parquet"
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[dict]]:
     """metrics.json of every (estimator, seed), running evaluate for those not already on disk."""
     out = Path(args.out)
     runs: dict[str, list[dict]] = {e: [] for e in args.estimators}
     for seed in range(args.repeats):
+        if args.shift == "none":
+            split = ["--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction)]
+        else:
+            split = ["--data", str(write_shifted_split(args.data, args.shift, args.test_fraction, seed, out)),
+                     "--split", "column"]
         for estimator in args.estimators:
             run_dir = out / f"{estimator}-{seed}"
             path = run_dir / "metrics.json"
@@ -78,14 +153,14 @@ def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[
             else:
                 print(f"{run_dir.name}: evaluating", file=sys.stderr)
                 evaluate.main([
-                    "--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction),
-                    "--seed", str(seed), "--estimator", estimator, "--out", str(run_dir), "--overwrite", *passthrough,
+                    *split, "--seed", str(seed), "--estimator", estimator, "--out", str(run_dir), "--overwrite",
+                    *passthrough,
                 ])  # --overwrite: a run dir without metrics.json is left over from an interrupted run
             runs[estimator].append(json.loads(path.read_text()))
     return runs
 
 
-def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: list[str]) -> dict:
+def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: list[str], shift: str = "none") -> dict:
     """Mean ± sd per (estimator, method) and the paired differences, from the per-run metrics."""
     estimators = list(runs)
     methods = list(runs[estimators[0]][0]["auc"])
@@ -111,14 +186,17 @@ def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: 
             name = f"{ea} {ma} − {mb}" if ea == eb else f"{ma}: {ea} − {eb}"
             diff = [a - b for a, b in zip(aucs[ea][ma], aucs[eb][mb])]
             differences.append({"name": name, "a": [ea, ma], "b": [eb, mb], **paired(diff)})
-    return {"repeats": len(runs[estimators[0]]), "test_fraction": test_fraction, "evaluate_args": evaluate_args,
+    return {"repeats": len(runs[estimators[0]]), "test_fraction": test_fraction, "shift": shift,
+            "evaluate_args": evaluate_args,
             "level": LEVEL, "estimators": estimators, "methods": methods, "auc": table, "differences": differences}
 
 
 def markdown(summary: dict) -> str:
     """The summary as two markdown tables."""
     n, methods = summary["repeats"], summary["methods"]
-    lines = [f"AUC over {n} seeded splits ({summary['test_fraction']:.0%} of the queries in test): mean ± sd", "",
+    shifted = "" if summary["shift"] == "none" else f", test shifted by {summary['shift']}"
+    lines = [f"AUC over {n} seeded splits ({summary['test_fraction']:.0%} of the queries in test{shifted}): "
+             "mean ± sd", "",
              "| estimator | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for e, row in summary["auc"].items():
         lines.append(f"| {e} | " + " | ".join(f"{row[m]['mean']:.2f} ± {row[m]['sd']:.2f}" for m in methods) + " |")
@@ -138,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--estimators", required=True, help=f"comma-separated, from {','.join(evaluate.ESTIMATORS)}")
     p.add_argument("--repeats", type=int, default=5, help="number of seeded splits, seeds 0..N-1 (default 5)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="test share of each split (default 0.5)")
+    p.add_argument("--shift", choices=SHIFTS, default="none",
+                   help="mix: each source's test share drawn per seed; length: longer prompts more often in test "
+                        "(default none: a uniform random split)")
     p.add_argument("--out", required=True, help="folder for the runs (DIR/<estimator>-<seed>) and the summary")
     args, passthrough = p.parse_known_args(argv)
     args.estimators = [e for e in args.estimators.split(",") if e]
@@ -149,7 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
     clash = sorted({a.split("=")[0] for a in passthrough} & set(OWN_OPTIONS))
     if clash:
         p.error(f"{clash} are set by this script for every run; do not pass them through")
-    summary = summarize(run_all(args, passthrough), args.test_fraction, passthrough)
+    try:
+        runs = run_all(args, passthrough)
+    except ShiftError as e:
+        p.error(str(e))
+    summary = summarize(runs, args.test_fraction, passthrough, args.shift)
     text = markdown(summary)
     atomic_write_json(Path(args.out) / "summary.json", summary)
     atomic_write_bytes(Path(args.out) / "summary.md", text.encode())

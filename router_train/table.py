@@ -193,7 +193,7 @@ def load_table(
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
 
-    df = _read(path)
+    df = read_frame(path)
     if len(df) == 0:
         raise ValueError(f"{path}: the table is empty (no rows); it needs one row per (query, model)")
     absent = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -484,8 +484,9 @@ def _replace_neg_inf(confidence: np.ndarray, names: list[str]) -> np.ndarray:
     return np.where(neg, floor[None, :], confidence)
 
 
-def _read(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a Parquet, JSON/JSONL or CSV table through `datasets`, keeping its cache in a temporary directory."""
+def read_frame(path: str | os.PathLike) -> pd.DataFrame:
+    """The rows of a Parquet, JSON/JSONL or CSV routing table file as they are (CSV columns as text), read through
+    `datasets` with its cache in a temporary directory; `load_table` validates and pivots them."""
     fmt = _FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(
@@ -577,7 +578,7 @@ def _has_no_rows(path: str | os.PathLike, fmt: str, sep: str) -> bool:
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Hide the `datasets` progress bars and log lines while reading (a parse error is reported once, by
-    `_read`), restoring the caller's settings."""
+    `read_frame`), restoring the caller's settings."""
     enabled = datasets.is_progress_bar_enabled()
     verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()

@@ -1,5 +1,5 @@
 """Benchmark scripts on tiny tables: estimator_signal (every estimator gets a row, the test split is never read),
-repeated_splits (its summary is the mean and paired differences of the per-run metrics), the kernel
+repeated_splits (its summary is the mean and paired differences of the per-run metrics; its shifted splits), the kernel
 benchmark (its baselines make the kernel's decisions; it exits 0 and prints its ratio last), and
 agreement_ceiling (its policies' figures, from the training split alone)."""
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -123,6 +124,73 @@ def test_repeated_splits_summarizes_the_per_run_metrics_and_resumes(tmp_path, mo
     assert module.main(args) == summary
     with pytest.raises(SystemExit):
         module.main([*args, "--seed", "3"])
+
+
+def _shift_inputs(per_source: int, sources: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    n = per_source * sources
+    ids = np.array([f"q{i:05d}" for i in range(n)], dtype=object)
+    lengths = rng.integers(10, 2000, n)
+    tags = np.array([f"task{i % sources}" for i in range(n)], dtype=object)
+    return ids, lengths, tags
+
+
+def test_shifted_splits_draw_the_source_mix_or_favour_long_prompts():
+    module = _load("repeated_splits")
+    ids, lengths, tags = _shift_inputs(400)
+    shares = []
+    for seed in range(4):
+        test = module.shifted_test_ids(ids, lengths, tags, "mix", 0.5, seed)
+        share = {t: np.mean([i in test for i in ids[tags == t]]) for t in sorted(set(tags))}
+        assert all(0.2 - 1e-9 <= v <= 0.8 + 1e-9 for v in share.values())
+        shares.append(share)
+        order = np.random.default_rng(seed).permutation(len(ids))  # the same split whatever the row order
+        assert module.shifted_test_ids(ids[order], lengths[order], tags[order], "mix", 0.5, seed) == test
+    assert len({round(v, 3) for s in shares for v in s.values()}) > 6  # shares differ by source and by seed
+    assert shares[0] != shares[1]
+
+    ranks = []
+    for seed in range(3):
+        test = module.shifted_test_ids(ids, lengths, tags, "length", 0.5, seed)
+        in_test = np.array([i in test for i in ids])
+        for t in sorted(set(tags)):
+            members = tags == t
+            assert in_test[members].sum() == 200  # the mix is kept
+            rank = np.argsort(np.argsort(lengths[members])) / (members.sum() - 1)
+            ranks.append(rank[in_test[members]].mean())
+    assert min(ranks) > 0.6  # long prompts are drawn more often (0.5 for a uniform draw)
+    with pytest.raises(module.ShiftError, match="at least 2 distinct"):
+        module.shifted_test_ids(ids, lengths, np.array([""] * len(ids), dtype=object), "mix", 0.5, 0)
+
+
+def test_repeated_splits_evaluates_the_shifted_split_it_writes(tmp_path, capsys):
+    frame = random_frame(150, 3, seed=4)
+    frame["query"] = frame["query"] + frame["query_id"].map(lambda q: " word" * (int(q[1:]) % 40))
+    frame.to_csv(tmp_path / "table.csv", index=False)
+    out = tmp_path / "shifted"
+    module = _load("repeated_splits")
+    args = ["--data", str(tmp_path / "table.csv"), "--estimators", "noisy", "--repeats", "2", "--shift", "mix",
+            "--out", str(out), "--max-depth", "2", "--budgets", "3", "--samples", "16", "--bootstrap", "10",
+            "--methods", "routing", "--threads", "1", "--workers", "1"]
+    summary = module.main(args)
+    assert summary["shift"] == "mix" and "test shifted by mix" in capsys.readouterr().out
+    for seed in (0, 1):
+        written = pd.read_parquet(out / "splits" / f"mix-{seed}.parquet")
+        per_query = written.groupby("query_id")["split"].first()
+        first = written.drop_duplicates("query_id").set_index("query_id")
+        expected = module.shifted_test_ids(per_query.index.to_numpy(dtype=object),
+                                           first.loc[per_query.index, "query"].str.len().to_numpy(),
+                                           first.loc[per_query.index, "source"].to_numpy(dtype=object),
+                                           "mix", 0.5, seed)
+        assert set(per_query.index[per_query == "test"]) == expected
+        assert json.loads((out / f"noisy-{seed}" / "metrics.json").read_text())["n_test"] == len(expected)
+        assert len(written) == len(frame) and set(written.columns) == set(frame.columns)
+    one_source = frame.assign(source="all")
+    one_source.to_parquet(tmp_path / "one.parquet", index=False)
+    with pytest.raises(SystemExit):
+        module.main(["--data", str(tmp_path / "one.parquet"), "--estimators", "noisy", "--repeats", "2",
+                     "--shift", "mix", "--out", str(tmp_path / "one")])
+    assert "at least 2 distinct" in capsys.readouterr().err
 
 
 GRID = [0.0, 0.25, 0.5, 0.5 + 4e-7, 0.75, 1.0]  # 0.5 + 4e-7 ties 0.5 within the tolerance
