@@ -2,7 +2,7 @@
 
     python benchmarks/repeated_splits.py --data T.parquet --estimators learned,logreg --repeats 5 \\
         --test-fraction 0.5 --max-depth 3 [--missing drop] [--config configs/default.yaml] [--threads 1] \\
-        [--shift mix|length] --out runs/rlc-repeats
+        [--shift mix|length|source] --out runs/rlc-repeats
 
 For seed s in 0..N−1 and each estimator E it runs `python -m router_train.evaluate` (through its `main`,
 with an argv list) on the seeded split of seed s into DIR/E-s; options it does not know are passed
@@ -10,7 +10,9 @@ through to evaluate. `--shift` makes the test queries differ from the training o
 month of traffic may: `mix` draws each source's test share anew per seed (uniform within
 `test_fraction` ± 60 % of its distance to 0 or 1: 0.2–0.8 at 0.5), so the sources a router saw least
 can dominate its test; `length` puts a source's longer prompts in test more often than its shorter
-ones (each query's chance of being drawn grows as e^(3·r), r its length rank in the source, 0–1).
+ones (each query's chance of being drawn grows as e^(3·r), r its length rank in the source, 0–1);
+`source` tests on one source the router never saw (seed s holds out the s-th source tag in sorted
+order, so `--repeats` is at most the number of sources; `--test-fraction` is not used).
 The split is written to DIR/splits/<shift>-<seed>.parquet (the table with its `split` column set) and
 evaluated with `--split column`. A run whose metrics.json exists is not repeated, so an interrupted
 sweep resumes (use a fresh DIR when changing those options or `--shift`).
@@ -41,7 +43,7 @@ OWN_OPTIONS = ("--data", "--test-data", "--estimator", "--estimators", "--repeat
                "--seed", "--out", "--shift")
 """Options this script sets (or, --test-data, excludes) for every run; passing them through to evaluate is refused."""
 LEVEL = 0.95
-SHIFTS = ("none", "mix", "length")
+SHIFTS = ("none", "mix", "length", "source")
 MIX_WIDTH = 0.6
 """`mix`: each source's test share is uniform within test_fraction ± MIX_WIDTH × min(test_fraction,
 1 − test_fraction)."""
@@ -89,12 +91,17 @@ def shifted_test_ids(
 ) -> set[str]:
     """The test queries of one shifted split (see the module's docstring): per source, a seeded draw of
     round(share × its queries), with the share drawn per source (`mix`) or the draw tilted towards long
-    prompts (`length`)."""
+    prompts (`length`); or every query of the seed-th source (`source`)."""
     rng = np.random.default_rng(seed)
     groups = sorted(set(sources))
-    if shift == "mix" and len(groups) < 2:
-        raise ShiftError("--shift mix needs a `source` column with at least 2 distinct values (the mix it "
-                         "shifts); use --shift length, or no --shift")
+    if shift in ("mix", "source") and len(groups) < 2:
+        raise ShiftError(f"--shift {shift} needs a `source` column with at least 2 distinct values; use "
+                         "--shift length, or no --shift")
+    if shift == "source":
+        if seed >= len(groups):
+            raise ShiftError(f"--shift source holds out one source per seed: --repeats at most {len(groups)} "
+                             f"(the table's sources: {groups})")
+        return set(query_ids[sources == groups[seed]].tolist())
     width = MIX_WIDTH * min(test_fraction, 1.0 - test_fraction)
     test: set[str] = set()
     for group in groups:
@@ -139,12 +146,13 @@ def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[
     """metrics.json of every (estimator, seed), running evaluate for those not already on disk."""
     out = Path(args.out)
     runs: dict[str, list[dict]] = {e: [] for e in args.estimators}
-    for seed in range(args.repeats):
-        if args.shift == "none":
-            split = ["--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction)]
-        else:
-            split = ["--data", str(write_shifted_split(args.data, args.shift, args.test_fraction, seed, out)),
-                     "--split", "column"]
+    splits = [  # every split made before any run, so that a table --shift cannot split fails at once
+        ["--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction)] if args.shift == "none"
+        else ["--data", str(write_shifted_split(args.data, args.shift, args.test_fraction, seed, out)),
+              "--split", "column"]
+        for seed in range(args.repeats)
+    ]
+    for seed, split in enumerate(splits):
         for estimator in args.estimators:
             run_dir = out / f"{estimator}-{seed}"
             path = run_dir / "metrics.json"
@@ -194,9 +202,12 @@ def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: 
 def markdown(summary: dict) -> str:
     """The summary as two markdown tables."""
     n, methods = summary["repeats"], summary["methods"]
-    shifted = "" if summary["shift"] == "none" else f", test shifted by {summary['shift']}"
-    lines = [f"AUC over {n} seeded splits ({summary['test_fraction']:.0%} of the queries in test{shifted}): "
-             "mean ± sd", "",
+    if summary["shift"] == "source":
+        splits = "splits, each testing on one source that training did not see"
+    else:
+        shifted = "" if summary["shift"] == "none" else f", test shifted by {summary['shift']}"
+        splits = f"seeded splits ({summary['test_fraction']:.0%} of the queries in test{shifted})"
+    lines = [f"AUC over {n} {splits}: mean ± sd", "",
              "| estimator | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for e, row in summary["auc"].items():
         lines.append(f"| {e} | " + " | ".join(f"{row[m]['mean']:.2f} ± {row[m]['sd']:.2f}" for m in methods) + " |")
@@ -217,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="number of seeded splits, seeds 0..N-1 (default 5)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="test share of each split (default 0.5)")
     p.add_argument("--shift", choices=SHIFTS, default="none",
-                   help="mix: each source's test share drawn per seed; length: longer prompts more often in test "
+                   help="mix: each source's test share drawn per seed; length: longer prompts more often in test; "
+                        "source: seed s tests on the s-th source alone, trained on the others "
                         "(default none: a uniform random split)")
     p.add_argument("--out", required=True, help="folder for the runs (DIR/<estimator>-<seed>) and the summary")
     args, passthrough = p.parse_known_args(argv)

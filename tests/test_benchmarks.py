@@ -162,6 +162,11 @@ def test_shifted_splits_draw_the_source_mix_or_favour_long_prompts():
     with pytest.raises(module.ShiftError, match="at least 2 distinct"):
         module.shifted_test_ids(ids, lengths, np.array([""] * len(ids), dtype=object), "mix", 0.5, 0)
 
+    for seed, tag in enumerate(sorted(set(tags))):  # `source`: seed s tests on the s-th source alone
+        assert module.shifted_test_ids(ids, lengths, tags, "source", 0.5, seed) == set(ids[tags == tag])
+    with pytest.raises(module.ShiftError, match="--repeats at most 3"):
+        module.shifted_test_ids(ids, lengths, tags, "source", 0.5, 3)
+
 
 def test_repeated_splits_evaluates_the_shifted_split_it_writes(tmp_path, capsys):
     frame = random_frame(150, 3, seed=4)
@@ -191,6 +196,10 @@ def test_repeated_splits_evaluates_the_shifted_split_it_writes(tmp_path, capsys)
         module.main(["--data", str(tmp_path / "one.parquet"), "--estimators", "noisy", "--repeats", "2",
                      "--shift", "mix", "--out", str(tmp_path / "one")])
     assert "at least 2 distinct" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 4 held-out sources asked of a table with 3: refused before any run
+        module.main([*args[:4], "--repeats", "4", "--shift", "source", "--out", str(tmp_path / "loso")])
+    assert "--repeats at most 3" in capsys.readouterr().err
+    assert not list((tmp_path / "loso").glob("noisy-*"))
 
 
 GRID = [0.0, 0.25, 0.5, 0.5 + 4e-7, 0.75, 1.0]  # 0.5 + 4e-7 ties 0.5 within the tolerance
