@@ -119,8 +119,9 @@ def shifted_test_ids(
     return test
 
 
-def write_shifted_split(data: str, shift: str, test_fraction: float, seed: int, out: Path) -> Path:
-    """The table at `data` with its `split` column set to one shifted split, saved as Parquet under `out`."""
+def write_shifted_splits(data: str, shift: str, test_fraction: float, repeats: int, out: Path) -> list[Path]:
+    """The table at `data` with its `split` column set to the shifted split of each seed 0..repeats−1, saved
+    as Parquet under `out`; the table is read once for all of them."""
     try:
         frame = read_frame(data)
     except (OSError, ValueError) as e:
@@ -133,25 +134,26 @@ def write_shifted_split(data: str, shift: str, test_fraction: float, seed: int, 
     sources = (frame["source"].fillna("").astype(str) if "source" in frame.columns
                else pd.Series([""] * len(frame))).to_numpy(dtype=object)
     lengths = frame["query"].fillna("").astype(str).str.len().to_numpy()
-    test = shifted_test_ids(ids[first], lengths[first], sources[first], shift, test_fraction, seed)
-    frame = frame.assign(split=np.where(pd.Series(ids).isin(test), "test", "train"))
-    path = out / "splits" / f"{shift}-{seed}.parquet"
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    tests = [shifted_test_ids(ids[first], lengths[first], sources[first], shift, test_fraction, seed)
+             for seed in range(repeats)]  # every split drawn before any is written: one that fails, fails first
+    paths = []
+    for seed, test in enumerate(tests):
+        buffer = io.BytesIO()
+        frame.assign(split=np.where(pd.Series(ids).isin(test), "test", "train")).to_parquet(buffer, index=False)
+        paths.append(out / "splits" / f"{shift}-{seed}.parquet")
+        atomic_write_bytes(paths[-1], buffer.getvalue())
+    return paths
 
 
 def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[dict]]:
     """metrics.json of every (estimator, seed), running evaluate for those not already on disk."""
     out = Path(args.out)
     runs: dict[str, list[dict]] = {e: [] for e in args.estimators}
-    splits = [  # every split made before any run, so that a table --shift cannot split fails at once
-        ["--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction)] if args.shift == "none"
-        else ["--data", str(write_shifted_split(args.data, args.shift, args.test_fraction, seed, out)),
-              "--split", "column"]
-        for seed in range(args.repeats)
-    ]
+    if args.shift == "none":
+        splits = [["--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction)]] * args.repeats
+    else:  # every split made before any run, so that a table --shift cannot split fails at once
+        paths = write_shifted_splits(args.data, args.shift, args.test_fraction, args.repeats, out)
+        splits = [["--data", str(path), "--split", "column"] for path in paths]
     for seed, split in enumerate(splits):
         for estimator in args.estimators:
             run_dir = out / f"{estimator}-{seed}"
@@ -168,7 +170,7 @@ def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[
     return runs
 
 
-def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: list[str], shift: str = "none") -> dict:
+def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: list[str], shift: str) -> dict:
     """Mean ± sd per (estimator, method) and the paired differences, from the per-run metrics."""
     estimators = list(runs)
     methods = list(runs[estimators[0]][0]["auc"])
