@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from estimators import NoisyEstimator
+from estimators.truth import TruthEstimator
 from router_train.calibrate import CalibrationConfig, RowOutcomes, SweepMemo, calibrate, calibrate_sweep
 from router_train.kernel import KernelConfig, decide
 from router_train.kernel.candidates import Candidates, choose
@@ -135,6 +136,24 @@ def test_calibration_with_a_budget_above_every_strategy_spends_less(setup):
     fit = calibrate(sim, "cascade_routing", 1.0, max_depth=2, config=CalibrationConfig(n_trials=0))
     assert fit.strategy.lambdas == (0.0, 0.0)
     assert fit.cost < 1.0
+
+
+def test_ties_that_change_no_answer_are_not_paid_for(setup):
+    """With estimates no answer moves, every superset of the best model ties at λ = 0: the expensive
+    tie-break runs more models for the same answers, so γ stays 0 unless `min_spend` asks for the spending."""
+    table, _, _ = setup
+    train = table.train()
+    sim = Simulator(train, TruthEstimator().fit(train), kernel=KERNEL)
+    zero = Strategy("cascade_routing", 3, lambdas=[0.0, 0.0, 0.0])
+    cheap, dear = sim.run(zero, False), sim.run(zero, True)
+    assert dear.mean_cost > cheap.mean_cost and dear.mean_quality == cheap.mean_quality
+    budget = (cheap.mean_cost + dear.mean_cost) / 2
+    fit = calibrate(sim, "cascade_routing", budget, max_depth=3, config=CalibrationConfig(n_trials=0))
+    assert fit.strategy.lambdas == (0.0, 0.0, 0.0) and fit.strategy.gamma == 0.0
+    assert fit.cost == pytest.approx(cheap.mean_cost) and fit.quality == pytest.approx(cheap.mean_quality)
+    spending = calibrate(sim, "cascade_routing", budget, max_depth=3,
+                         config=CalibrationConfig(n_trials=0, min_spend=1.0))
+    assert spending.cost == pytest.approx(budget) and spending.quality == pytest.approx(cheap.mean_quality)
 
 
 def test_calibration_prefers_quality_over_spending(setup):
