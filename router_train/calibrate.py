@@ -200,8 +200,8 @@ def _calibrate_family(
         if shape != family.neutral:
             scale = _bisect(lambda s: measure(s, shape, True)[0], budget, family, config.bisect_iters)
             memo.rows.pop((family.key, shape), None)  # this budget's own shape: its queries' outcomes are not reused
-    crossing = _with_gamma(sim, family, scale, shape, budget, config.min_spend)
-    floor = config.min_spend * min(budget, crossing.cost)
+    crossing, reach = _with_gamma(sim, family, scale, shape, budget, config.min_spend)
+    floor = config.min_spend * min(budget, reach)
     better = [f for f in feasible if f.quality > crossing.quality + 1e-9 and f.cost >= floor]
     if not better:
         return crossing
@@ -301,21 +301,25 @@ def _search_shape(measure, scale: float, budget: float, family: _Family, config:
     return max(feasible, key=lambda f: f[0])[1]
 
 
-def _with_gamma(sim: Simulator, family: _Family, scale: float, shape: tuple, budget: float, min_spend: float) -> Fit:
-    """Set γ so the mix of the cheap and expensive tie-breaks meets the budget in expectation.
+def _with_gamma(
+    sim: Simulator, family: _Family, scale: float, shape: tuple, budget: float, min_spend: float
+) -> tuple[Fit, float]:
+    """Set γ so the mix of the cheap and expensive tie-breaks meets the budget in expectation; also returns
+    the most the crossing can spend (the expensive tie-break's cost).
 
     At λ = 0 the ties are between plans of equal estimated quality (with estimates that no answer moves,
     every superset of the best model): there γ buys the expensive tie-break's extra calls only if they
-    answer better on the training queries, else only up to the `min_spend` share of the budget.
+    answer better on the training queries, else only up to the `min_spend` share of what it can spend.
     """
     strategy = family.make(scale, shape)
     cheap = sim.run(strategy, False)
     dear = sim.run(strategy, True)
     c0, c1 = cheap.mean_cost, dear.mean_cost
     idle = scale == 0.0 and not family.threshold and dear.mean_quality <= cheap.mean_quality + 1e-12
-    target = min_spend * budget if idle else budget
+    reach = max(c0, c1)
+    target = min_spend * min(budget, reach) if idle else budget
     gamma = min(max((target - c0) / (c1 - c0), 0.0), 1.0) if c1 > c0 else 0.0
     cost = (1 - gamma) * c0 + gamma * c1
     quality = (1 - gamma) * cheap.mean_quality + gamma * dear.mean_quality
-    return Fit(family.make(scale, shape, gamma), cost, quality)
+    return Fit(family.make(scale, shape, gamma), cost, quality), reach
 
