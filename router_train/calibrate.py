@@ -146,8 +146,11 @@ def calibrate(
     less gives a higher quality (e.g. a cascade whose later models are worse), the cheapest of the best
     strategies seen during the search that still spend `config.min_spend` of the budget is returned,
     with γ = 0. The floor keeps the realized cost near the budget a user asked for (1.0: exactly the
-    budget; 0.0: any cheaper strategy). For the modes that use Σ, each of
-    `config.sigma_scales` is calibrated and the best kept. `memo` lets a budget sweep reuse simulations.
+    budget; 0.0: any cheaper strategy). When no multiplier meets the budget (below what the family can
+    spend, or the cost estimates cannot tell near-equal-cost models apart, so that spending by ĉ alone
+    costs more), the cheapest strategy seen is returned, the best quality among equals. For the modes that
+    use Σ, each of `config.sigma_scales` is calibrated and the best within the budget kept. `memo` lets a
+    budget sweep reuse simulations.
     """
     if mode == "routing":
         max_depth = 1
@@ -157,8 +160,11 @@ def calibrate(
         _calibrate_family(sim, _Family(mode, max_depth, force_order, budget, scale), budget, config, memo)
         for scale in scales
     ]
-    top = max(f.quality for f in fits)
-    return min((f for f in fits if f.quality >= top - 1e-12), key=lambda f: f.cost)
+    within = [f for f in fits if _within(f.cost, budget)]
+    if not within:
+        return min(fits, key=lambda f: (f.cost, -f.quality))
+    top = max(f.quality for f in within)
+    return min((f for f in within if f.quality >= top - 1e-12), key=lambda f: f.cost)
 
 
 def _calibrate_family(
@@ -166,6 +172,7 @@ def _calibrate_family(
 ) -> Fit:
     """Calibrate the multipliers of one strategy family for the budget (see `calibrate`)."""
     feasible: list[Fit] = []
+    tried: list[Fit] = []
 
     def measure(scale: float, shape: tuple[float, ...], bisecting: bool = False) -> tuple[float, float]:
         """Mean cost and quality at (scale, shape). A bisection keeps each query's latest outcome with the
@@ -186,6 +193,7 @@ def _calibrate_family(
                 outcome = sim.run(strategy)
                 memo.outcomes[strategy] = (outcome.mean_cost, outcome.mean_quality)
         cost, quality = memo.outcomes[strategy]
+        tried.append(Fit(strategy, cost, quality))
         if cost <= budget:
             feasible.append(Fit(strategy, cost, quality))
         return cost, quality
@@ -201,6 +209,8 @@ def _calibrate_family(
             scale = _bisect(lambda s: measure(s, shape, True)[0], budget, family, config.bisect_iters)
             memo.rows.pop((family.key, shape), None)  # this budget's own shape: its queries' outcomes are not reused
     crossing, reach = _with_gamma(sim, family, scale, shape, budget, config.min_spend)
+    if not _within(crossing.cost, budget):  # no multiplier meets it: the cheapest strategy seen, best of equals
+        return min(tried + [crossing], key=lambda f: (f.cost, -f.quality))
     floor = config.min_spend * min(budget, reach)
     better = [f for f in feasible if f.quality > crossing.quality + 1e-9 and f.cost >= floor]
     if not better:
@@ -240,6 +250,11 @@ def calibrate_sweep(
 def _sigma_scales(mode: str, config: CalibrationConfig) -> tuple[float, ...]:
     """The Σ multipliers calibrated for `mode` (one neutral value for the modes without Σ)."""
     return config.sigma_scales if mode in SIGMA_MODES else (1.0,)
+
+
+def _within(cost: float, budget: float) -> bool:
+    """Whether a mean cost meets the budget, up to the rounding of γ's mix that aims at it exactly."""
+    return cost <= budget + 1e-9 * abs(budget)
 
 
 def _mean_quality(fits: list[Fit]) -> float:

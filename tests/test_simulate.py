@@ -156,6 +156,36 @@ def test_ties_that_change_no_answer_are_not_paid_for(setup):
     assert spending.cost == pytest.approx(budget) and spending.quality == pytest.approx(cheap.mean_quality)
 
 
+class _SwappedCosts(TruthEstimator):
+    """True qualities; the cost estimates of model 1 swapped between its cheap and its dear queries."""
+
+    def featurize(self, table):
+        features = super().featurize(table)
+        cost = features["cost"]
+        cost[:, 1] = cost[:, 1].max() + cost[:, 1].min() - cost[:, 1]
+        return features
+
+
+def test_a_budget_no_multiplier_meets_gets_the_cheapest_strategy_seen(setup):
+    """Two models of equal mean cost: spending by ĉ alone (λ → ∞) picks the worse one where its cost is
+    misestimated, costing more for worse answers; a budget below every strategy's cost gets the cheapest."""
+    table, _, _ = setup
+    train = table.train()
+    n = train.n
+    train.quality = torch.stack([torch.ones(n), torch.zeros(n)], 1).to(train.quality.dtype)
+    dear = torch.arange(n) % 2 == 0
+    train.cost = torch.stack([torch.full((n,), 1.0), torch.where(dear, 1.1, 0.9)], 1).to(train.cost.dtype)
+    train.models, train.answers, train.confidence = train.models[:2], None, None
+    train.tokens_in = train.tokens_out = None
+    sim = Simulator(train, _SwappedCosts().fit(train), kernel=KERNEL)
+    by_cost = sim.run(Strategy("routing", 1, lambdas=[1e30]))
+    assert by_cost.mean_cost > 1.0 and by_cost.mean_quality < 1.0  # what λ → ∞ alone would return
+    for mode in ("routing", "cascade_routing"):
+        fit = calibrate(sim, mode, 0.99, max_depth=2, config=CalibrationConfig(n_trials=0))
+        assert fit.cost == pytest.approx(1.0) and fit.quality == pytest.approx(1.0), mode
+        assert sim.run(fit.strategy).mean_quality == pytest.approx(1.0)
+
+
 def test_calibration_prefers_quality_over_spending(setup):
     """A thresholding cascade whose later models are worse should not spend a generous budget."""
     table, estimator, _ = setup
