@@ -161,17 +161,13 @@ def calibrate(
         for scale in scales
     ]
     within = [f for f in fits if _within(f.cost, budget)]
-    if not within:
-        return min(fits, key=lambda f: (f.cost, -f.quality))
-    top = max(f.quality for f in within)
-    return min((f for f in within if f.quality >= top - 1e-12), key=lambda f: f.cost)
+    return _best(within) if within else _cheapest(fits)
 
 
 def _calibrate_family(
     sim: Simulator, family: _Family, budget: float, config: CalibrationConfig, memo: SweepMemo
 ) -> Fit:
     """Calibrate the multipliers of one strategy family for the budget (see `calibrate`)."""
-    feasible: list[Fit] = []
     tried: list[Fit] = []
 
     def measure(scale: float, shape: tuple[float, ...], bisecting: bool = False) -> tuple[float, float]:
@@ -194,8 +190,6 @@ def _calibrate_family(
                 memo.outcomes[strategy] = (outcome.mean_cost, outcome.mean_quality)
         cost, quality = memo.outcomes[strategy]
         tried.append(Fit(strategy, cost, quality))
-        if cost <= budget:
-            feasible.append(Fit(strategy, cost, quality))
         return cost, quality
 
     if family.threshold:  # quality need not rise with spending here: look at a coarse grid of θ as well
@@ -210,13 +204,10 @@ def _calibrate_family(
             memo.rows.pop((family.key, shape), None)  # this budget's own shape: its queries' outcomes are not reused
     crossing, reach = _with_gamma(sim, family, scale, shape, budget, config.min_spend)
     if not _within(crossing.cost, budget):  # no multiplier meets it: the cheapest strategy seen, best of equals
-        return min(tried + [crossing], key=lambda f: (f.cost, -f.quality))
+        return _cheapest(tried + [crossing])
     floor = config.min_spend * min(budget, reach)
-    better = [f for f in feasible if f.quality > crossing.quality + 1e-9 and f.cost >= floor]
-    if not better:
-        return crossing
-    top = max(f.quality for f in better)
-    return min((f for f in better if f.quality >= top - 1e-12), key=lambda f: f.cost)
+    better = [f for f in tried if f.cost <= budget and f.quality > crossing.quality + 1e-9 and f.cost >= floor]
+    return _best(better) if better else crossing
 
 
 def calibrate_sweep(
@@ -250,6 +241,17 @@ def calibrate_sweep(
 def _sigma_scales(mode: str, config: CalibrationConfig) -> tuple[float, ...]:
     """The Σ multipliers calibrated for `mode` (one neutral value for the modes without Σ)."""
     return config.sigma_scales if mode in SIGMA_MODES else (1.0,)
+
+
+def _best(fits: list[Fit]) -> Fit:
+    """The fit of highest quality, the cheapest among equals."""
+    top = max(f.quality for f in fits)
+    return min((f for f in fits if f.quality >= top - 1e-12), key=lambda f: f.cost)
+
+
+def _cheapest(fits: list[Fit]) -> Fit:
+    """The cheapest fit, the best quality among equals."""
+    return min(fits, key=lambda f: (f.cost, -f.quality))
 
 
 def _within(cost: float, budget: float) -> bool:
