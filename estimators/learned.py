@@ -49,7 +49,7 @@ from .training import (
 FORMAT = "router-train-learned"
 VERSION = 2
 _ANSWER_FIELDS = tuple(AnswerFeatures.__dataclass_fields__)
-_MEMBER_FEATURES = ("prior", "calibrated")  # what differs between the members of an ensemble (fitted per seed)
+_MEMBER_FEATURES = ("prior", "calibrated", "ante")  # what differs between the members of an ensemble (per seed)
 
 
 @dataclass
@@ -133,14 +133,17 @@ class LearnedEstimator(QualityEstimator):
         return features
 
     def _own_features(self, features: Features) -> Features:
-        """The features fitted per estimator (`_MEMBER_FEATURES`), from the shared ones: the prior logits and
-        the answers' calibrated confidence logits."""
+        """The features fitted per estimator (`_MEMBER_FEATURES`), from the shared ones: the prior logits, the
+        answers' calibrated confidence logits, and room for each row's ex-ante logits (NaN until `predict`
+        first needs them; the same for every run set of a row, so computed once)."""
         source = features["source"]
-        return {"prior": self.neighbors.logits(features["embedding"], source),
+        prior = self.neighbors.logits(features["embedding"], source)
+        return {"prior": prior,
                 "calibrated": self.calibrator.transform(features["answers.confidence"],
                                                         features["answers.has_confidence"], source,
                                                         features["answers.tokens_out"],
-                                                        features["answers.has_tokens_out"])}
+                                                        features["answers.has_tokens_out"]),
+                "ante": torch.full(prior.shape, float("nan"), dtype=torch.float32)}
 
     def source_index(self, sources: list[str]) -> torch.Tensor:
         """Network index of each source tag: 1 + its position among the training tags, 0 if unknown."""
@@ -256,28 +259,55 @@ class LearnedEstimator(QualityEstimator):
     def predict(self, features: Features, rows: torch.Tensor, run: torch.Tensor) -> Estimate:
         if self.net is None:
             raise RuntimeError("the estimator is not fitted: call fit() or LearnedEstimator.load()")
-        if self.members:
-            parts = [member.predict({**features, **{n: features[f"member{i}.{n}"] for n in _MEMBER_FEATURES}}, rows, run)
-                     for i, member in enumerate(self.members)]
-            quality = torch.stack([part.quality for part in parts]).mean(0)
-            return Estimate(quality=quality, cost=parts[0].cost, cov=parts[0].cov)  # Σ and cost: the first member's
-        device = self.net.readout.device
-        answers = AnswerFeatures(*(features[f"answers.{f}"][rows].to(device) for f in _ANSWER_FIELDS))
-        # no answers or confidences in training: running a model teaches nothing, every estimate stays ex-ante
-        seen = run if self.posthoc else torch.zeros_like(run)
-        run_d = seen.to(device)
-        self.net.eval()
-        source = features["source"][rows].to(device)
-        prior = features["prior"][rows].to(device)
-        calibrated = features["calibrated"][rows].to(device)
-        logits, hidden = self.net(features["embedding"][rows].to(device), answers, run_d, prior, calibrated, source)
-        quality = torch.sigmoid(logits.double()).cpu()
+        if self.members:  # Σ and cost: the first member's, so the others compute their quality alone
+            own = [{**features, **{n: features[f"member{i}.{n}"] for n in _MEMBER_FEATURES}}
+                   for i in range(len(self.members))]
+            first = self.members[0].predict(own[0], rows, run)
+            rest = [member._quality(own[i], rows, run)[0] for i, member in enumerate(self.members) if i > 0]
+            quality = torch.stack([first.quality, *rest]).mean(0)
+            return Estimate(quality=quality, cost=first.cost, cov=first.cov)
+        quality, hidden, seen = self._quality(features, rows, run)
+        run_d = seen.to(hidden.device)
         sigma = self.net.log_variance(hidden, run_d).mul(0.5).exp().double().cpu() * self.scale
         sigma = sigma.masked_fill(run, 0.0) if self.posthoc else torch.zeros_like(sigma)
         t = seen.sum(1).clamp(max=self.correlation.shape[0] - 1)
         cov = sigma.unsqueeze(2) * self.correlation[t].double() * sigma.unsqueeze(1)
         cost_features = {n[5:]: v for n, v in features.items() if n.startswith("cost.")}
         return Estimate(quality=quality, cost=self.cost_model.predict(cost_features, rows, run), cov=cov)
+
+    def _quality(self, features: Features, rows: torch.Tensor, run: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(quality (B, k) float64 on the CPU, the network's hidden states, the run mask it saw) of one network."""
+        device = self.net.readout.device
+        answers = AnswerFeatures(*(features[f"answers.{f}"][rows].to(device) for f in _ANSWER_FIELDS))
+        # no answers or confidences in training: running a model teaches nothing, every estimate stays ex-ante
+        seen = run if self.posthoc else torch.zeros_like(run)
+        self.net.eval()
+        source = features["source"][rows].to(device)
+        prior = features["prior"][rows].to(device)
+        calibrated = features["calibrated"][rows].to(device)
+        ante = self._ante(features, rows) if self.net.move_gain is not None and bool(seen.any()) else None
+        logits, hidden = self.net(features["embedding"][rows].to(device), answers, seen.to(device), prior, calibrated,
+                                  source, ante=ante)
+        return torch.sigmoid(logits.double()).cpu(), hidden, seen
+
+    def _ante(self, features: Features, rows: torch.Tensor) -> torch.Tensor | None:
+        """Ex-ante logits (B, k) of `rows`, kept in the features' `ante` buffer: calibration asks for many run sets
+        of each row, and the post-hoc path needs the ex-ante pass for each (None: features without the buffer)."""
+        held = features.get("ante")
+        if held is None:
+            return None
+        missing = rows[held[rows, 0].isnan()].unique()
+        if missing.numel():
+            device = self.net.readout.device
+            answers = AnswerFeatures(*(features[f"answers.{f}"][missing].to(device) for f in _ANSWER_FIELDS))
+            logits, _ = self.net(  # no model run: the network's ex-ante pass
+                features["embedding"][missing].to(device), answers,
+                torch.zeros(missing.numel(), held.shape[1], dtype=torch.bool, device=device),
+                features["prior"][missing].to(device), features["calibrated"][missing].to(device),
+                features["source"][missing].to(device),
+            )
+            held[missing] = logits.float().cpu()
+        return held[rows].to(self.net.readout.device)
 
     # -- export -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
