@@ -9,6 +9,7 @@ training split, cheap because the simulator caches all λ-independent work.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -156,10 +157,11 @@ def calibrate(
         max_depth = 1
     memo = SweepMemo() if memo is None else memo
     scales = _sigma_scales(mode, config)
-    fits = [
-        _calibrate_family(sim, _Family(mode, max_depth, force_order, budget, scale), budget, config, memo)
-        for scale in scales
-    ]
+    with sim.keeping_estimates() if len(scales) > 1 else nullcontext():
+        fits = [
+            _calibrate_family(sim, _Family(mode, max_depth, force_order, budget, scale), budget, config, memo)
+            for scale in scales
+        ]
     within = [f for f in fits if _within(f.cost, budget)]
     return _best(within) if within else _cheapest(fits)
 
@@ -229,12 +231,13 @@ def calibrate_sweep(
     memo = SweepMemo()
     scales = _sigma_scales(mode, config)
     best: list[Fit] = []
-    for scale in scales:
-        one = replace(config, sigma_scales=(scale,))
-        fits = [calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=one, memo=memo)
-                for b in budgets]
-        if not best or _mean_quality(fits) > _mean_quality(best) + 1e-12:
-            best = fits
+    with sim.keeping_estimates() if len(scales) > 1 else nullcontext():  # the multipliers share most states
+        for scale in scales:
+            one = replace(config, sigma_scales=(scale,))
+            fits = [calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=one,
+                              memo=memo) for b in budgets]
+            if not best or _mean_quality(fits) > _mean_quality(best) + 1e-12:
+                best = fits
     return best
 
 

@@ -14,11 +14,13 @@ a breakpoint rebuilds those states' candidates from the cached estimates and dec
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from estimators.base import Features, QualityEstimator
+from estimators.base import Estimate, Features, QualityEstimator
 
 from .kernel import Candidates, KernelConfig, answer_models, choose, factorize, step_candidates
 from .kernel.decide import chunk_rows, scaled_cov, threshold_go
@@ -233,13 +235,52 @@ class Simulator:
         self.n, self.k = table.n, table.k
         self._stores: dict[tuple, _StateStore] = {}
         self._prefix: dict[tuple, _PrefixStates] = {}
+        self._kept: dict[int, _StateStore] | None = None  # per step: the estimator's outputs, while kept
+
+    @contextmanager
+    def keeping_estimates(self) -> Iterator[None]:
+        """Keep every state's estimates (q̂, ĉ, Σ) while inside: a sweep over Σ multipliers builds one
+        candidate store per multiplier from the same states' estimates, which the estimator (a network
+        per cross-fitting fold and ensemble member) then computes once. Dropped on leaving the outermost
+        block (Σ is k² numbers per state)."""
+        if self._kept is not None:
+            yield
+            return
+        self._kept = {}
+        try:
+            yield
+        finally:
+            self._kept = None
 
     # -- cached state data ------------------------------------------------------------------
-    def _batches(self, rows: torch.Tensor, run: torch.Tensor):
-        """Estimates for states in batches of `batch_size`: yields (run, Estimate)."""
+    def _predict(self, rows: torch.Tensor, run: torch.Tensor) -> Iterator[tuple[torch.Tensor, Estimate]]:
+        """The estimator's outputs for states in batches of `batch_size`: yields (run, Estimate)."""
         for i in range(0, rows.numel(), self.batch_size):
             sl = slice(i, i + self.batch_size)
             yield run[sl], self.estimator.predict(self.features, rows[sl], run[sl])
+
+    def _batches(self, rows: torch.Tensor, run: torch.Tensor, t: int) -> Iterator[tuple[torch.Tensor, Estimate]]:
+        """Estimates for states with t models run, in batches: from the estimator, or from the kept ones."""
+        if self._kept is None:
+            yield from self._predict(rows, run)
+            return
+        if t not in self._kept:
+
+            def compute(rows, run):
+                parts = [(est.quality, est.cost, est.cov) for _, est in self._predict(rows, run)]
+                data = {"quality": torch.cat([p[0] for p in parts]), "cost": torch.cat([p[1] for p in parts])}
+                if parts[0][2] is not None:
+                    data["cov"] = torch.cat([p[2] for p in parts])
+                return data
+
+            self._kept[t] = _StateStore(self.k, t, self.n, compute)
+        store = self._kept[t]
+        slots = store.lookup(rows, run)
+        for i in range(0, rows.numel(), self.batch_size):
+            sl = slots[i : i + self.batch_size]
+            data = store.data
+            yield run[i : i + self.batch_size], Estimate(quality=data["quality"][sl], cost=data["cost"][sl],
+                                                         cov=data["cov"][sl] if "cov" in data else None)
 
     def _estimate_store(self, t: int) -> _StateStore:
         """Estimates (and answer models) of the states with t models run."""
@@ -247,7 +288,7 @@ class Simulator:
         if key not in self._stores:
 
             def compute(rows, run):
-                quality = torch.cat([est.quality.to(torch.float64) for _, est in self._batches(rows, run)])
+                quality = torch.cat([est.quality.to(torch.float64) for _, est in self._batches(rows, run, t)])
                 return {"quality": quality, "answer": answer_models(quality, run)}
 
             self._stores[key] = _StateStore(self.k, t, self.n, compute)
@@ -268,7 +309,7 @@ class Simulator:
 
         def compute(rows, run):
             states: dict[str, list[torch.Tensor]] = {"answer": [], "quality": [], "cost": [], "run": [], "factor": []}
-            for part_run, est in self._batches(rows, run):
+            for part_run, est in self._batches(rows, run, t):
                 states["answer"].append(answer_models(est.quality, part_run))
                 factor = factorize(scaled_cov(est.cov, strategy.sigma_scale), dtype=self.kernel.dtype, validate=False)
                 states["quality"].append(est.quality)

@@ -1,5 +1,7 @@
 """The cached lock-step simulator decides exactly as the kernel called step by step, and calibration meets budgets."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -264,6 +266,37 @@ def test_a_sweep_keeps_one_sigma_scale_the_one_with_the_best_mean_quality(setup)
         assert [f.strategy for f in fits] == [f.strategy for f in alone[scale]]
         mean = {s: np.mean([f.quality for f in alone[s]]) for s in scales}
         assert mean[scale] >= max(mean.values()) - 1e-12
+
+
+class _Counting(NoisyEstimator):
+    """Noisy estimates that count how often each state (row, run set) was asked for."""
+
+    def predict(self, features, rows, run):
+        for row, members in zip(rows.tolist(), run.tolist()):
+            self.asked[(row, tuple(members))] = self.asked.get((row, tuple(members)), 0) + 1
+        return super().predict(features, rows, run)
+
+
+@pytest.mark.parametrize("mode", ["cascade_routing", "cascade"])
+def test_a_sweep_over_sigma_scales_asks_the_estimator_once_per_state(mode, monkeypatch):
+    """The multipliers' candidate stores are built from one estimate per state (the estimator is the
+    expensive part with learned networks), with the same fits as asking the estimator for each store."""
+    table = random_table(60, 5, seed=7)
+    estimator = _Counting("medium", seed=2).fit(table.train())
+    budgets = [float(c) for c in table.cost.mean(0)[1:4]]
+    config = CalibrationConfig(n_trials=2, sigma_scales=(0.0, 0.5, 1.0))
+    estimator.asked = {}
+    sim = Simulator(table, estimator, kernel=KERNEL, batch_size=16)
+    kept = calibrate_sweep(sim, mode, budgets, max_depth=3, config=config)
+    assert estimator.asked and max(estimator.asked.values()) == 1
+    assert sim._kept is None  # dropped after the sweep
+    monkeypatch.setattr(Simulator, "keeping_estimates", lambda self: contextlib.nullcontext())
+    estimator.asked = {}
+    fresh = calibrate_sweep(Simulator(table, estimator, kernel=KERNEL, batch_size=16), mode, budgets, max_depth=3,
+                            config=config)
+    assert max(estimator.asked.values()) > 1  # without keeping, each multiplier's store asks again
+    assert [f.strategy for f in kept] == [f.strategy for f in fresh]
+    assert [f.quality for f in kept] == [f.quality for f in fresh]
 
 
 @pytest.mark.parametrize("mode", ["threshold_cascade", "cascade"])
