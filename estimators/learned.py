@@ -277,17 +277,12 @@ class LearnedEstimator(QualityEstimator):
 
     def _quality(self, features: Features, rows: torch.Tensor, run: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(quality (B, k) float64 on the CPU, the network's hidden states, the run mask it saw) of one network."""
-        device = self.net.readout.device
-        answers = AnswerFeatures(*(features[f"answers.{f}"][rows].to(device) for f in _ANSWER_FIELDS))
         # no answers or confidences in training: running a model teaches nothing, every estimate stays ex-ante
         seen = run if self.posthoc else torch.zeros_like(run)
         self.net.eval()
-        source = features["source"][rows].to(device)
-        prior = features["prior"][rows].to(device)
-        calibrated = features["calibrated"][rows].to(device)
         ante = self._ante(features, rows) if self.net.move_gain is not None and bool(seen.any()) else None
-        logits, hidden = self.net(features["embedding"][rows].to(device), answers, seen.to(device), prior, calibrated,
-                                  source, ante=ante)
+        embedding, answers, prior, calibrated, source = self._net_inputs(features, rows)
+        logits, hidden = self.net(embedding, answers, seen.to(embedding.device), prior, calibrated, source, ante=ante)
         return torch.sigmoid(logits.double()).cpu(), hidden, seen
 
     def _ante(self, features: Features, rows: torch.Tensor) -> torch.Tensor | None:
@@ -298,16 +293,18 @@ class LearnedEstimator(QualityEstimator):
             return None
         missing = rows[held[rows, 0].isnan()].unique()
         if missing.numel():
-            device = self.net.readout.device
-            answers = AnswerFeatures(*(features[f"answers.{f}"][missing].to(device) for f in _ANSWER_FIELDS))
-            logits, _ = self.net(  # no model run: the network's ex-ante pass
-                features["embedding"][missing].to(device), answers,
-                torch.zeros(missing.numel(), held.shape[1], dtype=torch.bool, device=device),
-                features["prior"][missing].to(device), features["calibrated"][missing].to(device),
-                features["source"][missing].to(device),
-            )
+            embedding, answers, prior, calibrated, source = self._net_inputs(features, missing)
+            nobody = torch.zeros(missing.numel(), held.shape[1], dtype=torch.bool, device=embedding.device)
+            logits, _ = self.net(embedding, answers, nobody, prior, calibrated, source)  # the ex-ante pass
             held[missing] = logits.float().cpu()
         return held[rows].to(self.net.readout.device)
+
+    def _net_inputs(self, features: Features, rows: torch.Tensor) -> tuple:
+        """The network's per-row inputs for `rows`, on its device: embedding, answers, prior, calibrated, source."""
+        device = self.net.readout.device
+        answers = AnswerFeatures(*(features[f"answers.{f}"][rows].to(device) for f in _ANSWER_FIELDS))
+        return (features["embedding"][rows].to(device), answers, features["prior"][rows].to(device),
+                features["calibrated"][rows].to(device), features["source"][rows].to(device))
 
     # -- export -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

@@ -276,9 +276,9 @@ class Simulator:
             self._kept[t] = _StateStore(self.k, t, self.n, compute)
         store = self._kept[t]
         slots = store.lookup(rows, run)
+        data = store.data
         for i in range(0, rows.numel(), self.batch_size):
             sl = slots[i : i + self.batch_size]
-            data = store.data
             yield run[i : i + self.batch_size], Estimate(quality=data["quality"][sl], cost=data["cost"][sl],
                                                          cov=data["cov"][sl] if "cov" in data else None)
 
