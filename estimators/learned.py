@@ -247,8 +247,8 @@ class LearnedEstimator(QualityEstimator):
         free = ~run
         z = (resid / sigma)[free].abs()
         target = torch.quantile(z, self.config.coverage).item() if z.numel() else 1.0
-        self.scale = target / _normal_quantile(0.5 + self.config.coverage / 2)
-        normalized = resid / (sigma * self.scale)
+        self.scale = target / _normal_quantile(0.5 + self.config.coverage / 2)  # 0 where the moves are all 0
+        normalized = resid / sigma  # correlations do not depend on the scale, which may be 0 (a fitted gain of 0)
         sizes = run.sum(1)
         self.correlation = torch.stack(
             [masked_correlation(normalized[sizes == t], free[sizes == t]) for t in range(settings.max_depth + 1)]

@@ -267,6 +267,24 @@ def test_without_answers_or_confidences_running_a_model_changes_no_estimate(tmp_
     assert json.loads((tmp_path / "export" / "estimator.json").read_text())["posthoc"] is False
 
 
+def test_post_hoc_move_gains_of_zero_give_a_zero_sigma_not_a_crash(tmp_path, monkeypatch):
+    """Where the answers turn out to say nothing (small tables, weak signals), the fitted gains of the moves
+    are 0 and so is every held-back move: Σ is then 0 (its scale was 0/0 = NaN, and eigh failed on the
+    moves' correlations)."""
+    import estimators.learned as learned
+
+    monkeypatch.setattr(learned, "fit_move_gains", lambda *a: torch.zeros(2, dtype=torch.float64))
+    table = random_table(120, 4, seed=8)
+    config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "cache", epochs=2)
+    estimator = LearnedEstimator(config).fit(table.train())
+    assert estimator.posthoc and estimator.scale == 0.0
+    assert bool(torch.isfinite(estimator.correlation).all())
+    test = table.test()
+    rows, run = states(test.n, test.k, seed=5)
+    est = estimator.predict(estimator.featurize(test), rows, run)
+    assert bool(torch.isfinite(est.quality).all()) and bool((est.cov == 0).all())
+
+
 def test_an_ensemble_averages_its_members_seeds_and_round_trips(tmp_path):
     """`ensemble: 3`: three estimators at seeds 0, 1, 2 on one encoder; the estimate is the mean of theirs
     (the first member is the single estimator of seed 0), and the export reloads exactly."""
