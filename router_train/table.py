@@ -378,7 +378,25 @@ def load_train_test(
             f"the test table {test_path} {' and '.join(what)}; both need the same models: add the rows, or keep the "
             f"shared ones with models=[...] (CLI: --models, recipe: data.models): {shared}"
         )
+    _note_new_sources(train, test, train_path, test_path)
     return train, test.in_model_order(train.models)
+
+
+def _note_new_sources(train: RoutingTable, test: RoutingTable, train_path: str | os.PathLike,
+                      test_path: str | os.PathLike) -> None:
+    """Say on stderr how many test queries come from sources the training table lacks: the estimators and
+    rules serve them with their pooled fits, so a user sees why such queries may be routed less well."""
+    seen = set(train.sources)
+    new = [s for s in test.sources if s and s not in seen]  # no source: nothing to name
+    if new:
+        names = sorted(set(new))
+        print(
+            f"note: {len(new)} of {test.n} queries of the test table {test_path} come from source(s) "
+            f"{names[:10]}{' …' if len(names) > 10 else ''} absent from the training table {train_path}: their "
+            "estimates and rules use what was fitted on all training sources pooled; to route them by their own "
+            "results, add some of those queries to the training table",
+            file=sys.stderr,
+        )
 
 
 def check_cost_spread(table: RoutingTable, where: str) -> None:

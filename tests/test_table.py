@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,20 @@ def test_train_and_test_tables_must_have_the_same_models(tmp_path: Path) -> None
         load_train_test(train, lacking, models=["small", "large"])
     fit, test = load_train_test(train, adding, models=["large", "small"])
     assert fit.models == test.models == ["small", "large"] and not fit.is_test.any() and test.is_test.all()
+
+
+def test_a_separate_test_table_names_the_sources_training_lacks(tmp_path: Path, capsys) -> None:
+    """Test queries of a source absent from training are served by pooled fits: the loader says so."""
+    df = long_table(9)
+    train = write(df, tmp_path / "train.csv")
+    shifted = df.assign(source=np.where(df.query_id.isin(["q0", "q3"]), "law", df.source))
+    shifted.loc[shifted.query_id == "q4", "source"] = None  # no source: nothing to name
+    load_train_test(train, write(df, tmp_path / "same.csv"))
+    assert "note:" not in capsys.readouterr().err
+    load_train_test(train, write(shifted, tmp_path / "shifted.csv"))
+    err = capsys.readouterr().err
+    assert re.search(r"note: 2 of 9 queries of the test table .*shifted.csv come from source\(s\) \['law'\] absent "
+                     r"from the training table .*train.csv", err), err
 
 
 def test_routing_needs_two_models_of_different_cost(tmp_path: Path) -> None:
