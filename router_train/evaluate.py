@@ -30,7 +30,7 @@ from estimators import QualityEstimator, TruthEstimator
 
 from .calibrate import CalibrationConfig, calibrate_sweep
 from .cli import add_debug_flag, user_errors
-from .kernel import KernelConfig
+from .kernel import KernelConfig, check_model_count
 from .metrics import (
     auc,
     auc_bounds,
@@ -428,6 +428,7 @@ def run(args) -> dict:
     train, test = load_split(args)
     if train.n == 0 or test.n == 0:
         raise ValueError(f"need training and test queries, got {train.n} and {test.n}; check --data/--test-data")
+    check_model_count(train.k, f"the training queries of {args.data}")
     check_cost_spread(train, f"the training queries of {args.data}")
     estimator, calibration_estimator = build_estimator(args, train)
     train, test = train.in_model_order(estimator.models), test.in_model_order(estimator.models)

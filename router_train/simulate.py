@@ -22,7 +22,9 @@ import torch
 
 from estimators.base import Estimate, Features, QualityEstimator
 
-from .kernel import Candidates, KernelConfig, answer_models, choose, factorize, step_candidates
+from .kernel import (
+    Candidates, KernelConfig, answer_models, check_model_count, choose, factorize, run_masks, step_candidates,
+)
 from .kernel.decide import chunk_rows, scaled_cov, threshold_go
 from .kernel.lambda_table import LambdaTable
 from .kernel.prune import prune
@@ -111,10 +113,12 @@ class _StateStore:
 
     def __init__(self, k: int, t: int, n_rows: int, compute) -> None:
         self.radix = math.comb(k, t)
-        if n_rows * self.radix >= 2**62:
-            raise ValueError(f"too many queries ({n_rows}) for the state cache with k={k} models at step {t}")
-        # binom[i, m] = C(i, m): the rank of a run set in the combinatorial number system
-        self.binom = torch.tensor([[math.comb(a, b) for b in range(k + 1)] for a in range(k)], dtype=torch.long)
+        self.met: _RunSets | None = None
+        if n_rows * self.radix >= 2**62:  # too many run sets to rank them all (an uncapped cascade over many
+            # models): number the run sets met instead, which are few (one per step for a cascade)
+            self.radix, self.met = 2**31, _RunSets()
+        else:  # binom[i, m] = C(i, m): the rank of a run set in the combinatorial number system
+            self.binom = torch.tensor([[math.comb(a, b) for b in range(k + 1)] for a in range(k)], dtype=torch.long)
         self.k, self.t = k, t
         self.compute = compute  # (rows, run) -> dict of per-state tensors
         self.size = 0  # states held
@@ -130,6 +134,8 @@ class _StateStore:
         return self.tables.table
 
     def key(self, rows: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        if self.met is not None:
+            return rows * self.radix + self.met.number(run_masks(run))
         members = run.long()
         position = torch.arange(run.shape[1]).unsqueeze(0).expand_as(members)
         rank = (members * self.binom[position, members.cumsum(1)]).sum(1)
@@ -183,6 +189,29 @@ class _StateStore:
             self.levels.append(_merge(older, newer))
 
 
+class _RunSets:
+    """Numbers the run sets (bitmasks) met so far 0, 1, 2, … in order of first meeting, for state keys where
+    ranking every run set of a step would overflow int64."""
+
+    def __init__(self) -> None:
+        self.masks = torch.zeros(0, dtype=torch.long)  # sorted
+        self.numbers = torch.zeros(0, dtype=torch.long)  # number of each sorted mask
+
+    def number(self, masks: torch.Tensor) -> torch.Tensor:
+        new = masks.unique()
+        if self.masks.numel():
+            pos = torch.searchsorted(self.masks, new).clamp(max=self.masks.numel() - 1)
+            new = new[self.masks[pos] != new]
+        if new.numel():
+            if self.numbers.numel() + new.numel() > 2**31:
+                raise ValueError("more than 2^31 distinct run sets at one step: simulate fewer queries at once")
+            held = torch.cat([self.masks, new])
+            numbers = torch.cat([self.numbers, self.numbers.numel() + torch.arange(new.numel())])
+            order = held.argsort()
+            self.masks, self.numbers = held[order], numbers[order]
+        return self.numbers[torch.searchsorted(self.masks, masks)]
+
+
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
     """Pad an (N, M) tensor to `width` columns: bool with False (invalid), others repeating column 0."""
     extra = width - x.shape[1]
@@ -227,6 +256,7 @@ class Simulator:
         kernel: KernelConfig = KernelConfig(),
         batch_size: int = 4096,
     ) -> None:
+        check_model_count(table.k, "Simulator: the table")
         self.table = table
         self.estimator = estimator
         self.features = estimator.featurize(table) if features is None else features

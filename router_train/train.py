@@ -48,7 +48,7 @@ from .calibrate import CalibrationConfig
 from .cli import add_debug_flag, user_errors
 from .config import TrainConfig, load_config, to_dict
 from .evaluate import EvaluationConfig, default_workers, evaluate, spend_suffix, write_report
-from .kernel import KernelConfig
+from .kernel import KernelConfig, check_model_count
 from .outputs import atomic_write_json, new_version, publish_version, remove_stale_versions
 from .table import RoutingTable, check_cost_spread, load_table, load_train_test
 
@@ -231,6 +231,7 @@ def run(config: TrainConfig, *, overwrite: bool = False, log=print, threads: int
     if os.path.lexists(run_dir) and not overwrite:
         raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it (or --run-name)")
     train, test = load_tables(config)
+    check_model_count(train.k, f"the training queries of {data_paths(config)[0]}")
     check_cost_spread(train, f"the training queries of {data_paths(config)[0]}")
     state = out / f".{config.run_name}.partial"
     distributed.on_main(lambda: resume_state(state, {

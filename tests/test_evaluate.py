@@ -178,6 +178,10 @@ def test_table_errors_are_one_line(table_path, tmp_path, capsys):
     df[(df.split == "test") & (df.model != "model-4")].to_parquet(test, index=False)
     message = user_error(capsys, ["--data", str(train), "--test-data", str(test), *out, "--overwrite"])
     assert "test.parquet lacks model(s) ['model-4'] of the training table" in message
+    many = tmp_path / "many.parquet"
+    random_frame(20, 63, seed=2).to_parquet(many, index=False)
+    message = user_error(capsys, ["--data", str(many), *out, "--overwrite"])
+    assert "63 models, but the decision kernel routes among at most 62" in message and "--models" in message
 
 
 def test_noisy_estimator_recalibrates_on_training_rows_only(table_path):

@@ -313,6 +313,33 @@ def test_uncapped_cascades_calibrate_with_29_models(mode):
     assert int(sim.run(fit.strategy).run.sum(1).max()) > 3
 
 
+@pytest.mark.parametrize("strategy", [
+    Strategy("threshold_cascade", 60, thresholds=[-5.0] * 59),  # goes on while q̂ < 6: runs all 60 models
+    Strategy("cascade", 60, lambdas=[0.0] * 60),
+    Strategy("cascade_routing", 3, lambdas=[100.0] * 3),
+], ids=lambda s: s.mode)
+def test_sixty_models_uncapped_number_the_run_sets_met_and_match_the_kernel(strategy):
+    """40 queries × C(60, 30) run sets overflow int64 state keys at step 30 (one crashed before): the state
+    cache numbers the run sets it meets instead, and decides as the kernel does step by step."""
+    table = random_table(40, 60, seed=4)
+    estimator = NoisyEstimator("medium", seed=2).fit(table)
+    outcome = Simulator(table, estimator, kernel=KERNEL).run(strategy)
+    run, answer = step_by_step(table, estimator, strategy, False)
+    assert torch.equal(outcome.run, run) and torch.equal(outcome.answer, answer)
+    if strategy.mode == "threshold_cascade":
+        assert bool(run.all())  # the steps past the overflow were simulated
+
+
+def test_more_models_than_the_bitmasks_hold_are_refused_naming_the_fix():
+    table = random_table(10, 63, seed=1)
+    with pytest.raises(ValueError, match=r"Simulator: the table: 63 models, but the decision kernel routes among at "
+                                         r"most 62 .* --models"):
+        Simulator(table, NoisyEstimator("low", seed=0).fit(table))
+    with pytest.raises(ValueError, match=r"quality: 63 models, but .* at most 62"):
+        decide(table.quality[:2].double(), table.cost[:2].double(), torch.zeros(2, 63, dtype=torch.bool),
+               Strategy("routing", 1, lambdas=[1.0]))
+
+
 def test_bisection_resimulates_only_queries_whose_outcome_may_change(setup, monkeypatch):
     """Each query's proved range of the scale stands in for its simulation inside it: the same fits, with
     fewer queries simulated, and bisection steps that simulate a part of the queries only."""

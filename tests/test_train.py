@@ -238,6 +238,12 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tiny_recipe, tmp_
         recipe.main(["--config", str(path), "--train-data", str(single), "--run-name", "single",
                      "--output-dir", str(tmp_path)])
     assert "at least two models of different mean cost" in capsys.readouterr().err
+    many = tmp_path / "many.parquet"
+    random_frame(20, 63, seed=2).to_parquet(many, index=False)
+    with pytest.raises(SystemExit):
+        recipe.main(["--config", str(path), "--train-data", str(many), "--run-name", "many", "--output-dir", str(tmp_path)])
+    assert "63 models, but the decision kernel routes among at most 62" in capsys.readouterr().err
+    assert not (tmp_path / "many").exists()
     with pytest.raises(SystemExit):
         recipe.main(["--config", str(path), "--run-name", "../elsewhere"])
     assert "run_name must be a plain name" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from . import fused
 from .candidates import COST_RTOL, TIE_TOL, Candidates, build_candidates, choose
 from .expected_max import ZETA_MAX_MODELS, sample_qualities
 from .sobol import normal_samples
-from .subsets import count_subsets, run_masks, subset_table
+from .subsets import check_model_count, count_subsets, run_masks, subset_table
 
 CHOLESKY_EPS = 1e-9
 """Jitter added to Σ's diagonal before its Cholesky factorization (Σ is ~0 for models already run)."""
@@ -99,8 +99,7 @@ def _check_inputs(quality, cost, run, strategy: Strategy) -> None:
         raise ValueError(f"cost must have the shape of quality {tuple(quality.shape)}, got {tuple(cost.shape)}")
     if run.shape != quality.shape or run.dtype != torch.bool:
         raise ValueError(f"run must be a bool tensor of shape {tuple(quality.shape)}, got {run.dtype} {tuple(run.shape)}")
-    if quality.shape[1] > 62:
-        raise ValueError(f"at most 62 models are supported, got k={quality.shape[1]}")
+    check_model_count(quality.shape[1], "quality")
     for name, x in (("quality", quality), ("cost", cost)):
         bad = ~torch.isfinite(x).all(1)
         if bad.any():

@@ -46,6 +46,19 @@ class SubsetTable:
         return slice(self.level_starts[s], self.level_starts[s + 1])
 
 
+MAX_MODELS = 62
+"""Run sets and supermodels are int64 bitmasks (bit j: model j), so the kernel routes among at most 62 models."""
+
+
+def check_model_count(k: int, where: str) -> None:
+    """Raise a ValueError naming `where` and the fix when k models exceed what the bitmasks hold."""
+    if k > MAX_MODELS:
+        raise ValueError(
+            f"{where}: {k} models, but the decision kernel routes among at most {MAX_MODELS} (run sets are 64-bit "
+            f"masks); keep at most {MAX_MODELS} with --models (recipe: data.models), e.g. the most used ones"
+        )
+
+
 def run_masks(run: torch.Tensor) -> torch.Tensor:
     """Bitmask (int64) of each row of a `(B, k)` boolean membership matrix (a run set, a subset)."""
     k = run.shape[1]
