@@ -119,6 +119,10 @@ class _Family:
         inside = (low < scale) & (scale < high)
         return torch.where(inside, low, scale), torch.where(inside, high, scale)
 
+    def owns(self, strategy: Strategy) -> bool:
+        """Whether `strategy` is one of this family's (any scale, shape and budget)."""
+        return (strategy.mode, strategy.max_depth, strategy.force_order, strategy.sigma_scale) == self.key
+
     def make(self, scale: float, shape: tuple[float, ...], gamma: float = 0.0) -> Strategy:
         if self.threshold:
             return Strategy(
@@ -145,7 +149,8 @@ def calibrate(
     Usually that spends the budget exactly (γ mixes the two tie-breaks at the crossing; at λ = 0 only if
     the expensive tie-break's extra calls answer better on the training queries, see `_with_gamma`); when spending
     less gives a higher quality (e.g. a cascade whose later models are worse), the cheapest of the best
-    strategies seen during the search that still spend `config.min_spend` of the budget is returned,
+    strategies seen during the search (or, through `memo`, for the sweep's earlier budgets) that still
+    spend `config.min_spend` of the budget is returned if it answers clearly better (`_clearly_better`),
     with γ = 0. The floor keeps the realized cost near the budget a user asked for (1.0: exactly the
     budget; 0.0: any cheaper strategy). When no multiplier meets the budget (below what the family can
     spend, or the cost estimates cannot tell near-equal-cost models apart, so that spending by ĉ alone
@@ -169,8 +174,11 @@ def calibrate(
 def _calibrate_family(
     sim: Simulator, family: _Family, budget: float, config: CalibrationConfig, memo: SweepMemo
 ) -> Fit:
-    """Calibrate the multipliers of one strategy family for the budget (see `calibrate`)."""
-    tried: list[Fit] = []
+    """Calibrate the multipliers of one strategy family for the budget (see `calibrate`). The strategies of
+    the family that earlier budgets of the sweep simulated are candidates too: at a budget above what λ = 0
+    spends, the bisection stops at once, and a dearer budget's λ may answer better on the training queries."""
+    tried: list[Fit] = [Fit(s.replace(budget=budget), *outcome) for s, outcome in memo.outcomes.items()
+                        if family.owns(s)]
 
     def measure(scale: float, shape: tuple[float, ...], bisecting: bool = False) -> tuple[float, float]:
         """Mean cost and quality at (scale, shape). A bisection keeps each query's latest outcome with the
@@ -204,12 +212,23 @@ def _calibrate_family(
         if shape != family.neutral:
             scale = _bisect(lambda s: measure(s, shape, True)[0], budget, family, config.bisect_iters)
             memo.rows.pop((family.key, shape), None)  # this budget's own shape: its queries' outcomes are not reused
-    crossing, reach = _with_gamma(sim, family, scale, shape, budget, config.min_spend)
+    crossing, reach, per_query = _with_gamma(sim, family, scale, shape, budget, config.min_spend)
     if not _within(crossing.cost, budget):  # no multiplier meets it: the cheapest strategy seen, best of equals
         return _cheapest(tried + [crossing])
     floor = config.min_spend * min(budget, reach)
     better = [f for f in tried if f.cost <= budget and f.quality > crossing.quality + 1e-9 and f.cost >= floor]
-    return _best(better) if better else crossing
+    if not better:
+        return crossing
+    best = _best(better)
+    return best if _clearly_better(sim.run(best.strategy).quality, per_query) else crossing
+
+
+def _clearly_better(quality: torch.Tensor, than: torch.Tensor, z: float = 2.0) -> bool:
+    """Whether per-query qualities beat `than`'s on the same queries by more than `z` standard errors of
+    the mean paired difference: a smaller gain is a tie, and the budget-spending strategy keeps it (among
+    many strategies seen, the best by a hair is mostly the luckiest)."""
+    diff = quality.double() - than.double()
+    return float(diff.mean()) > z * float(diff.std(correction=0)) / math.sqrt(diff.numel())
 
 
 def calibrate_sweep(
@@ -323,9 +342,9 @@ def _search_shape(measure, scale: float, budget: float, family: _Family, config:
 
 def _with_gamma(
     sim: Simulator, family: _Family, scale: float, shape: tuple, budget: float, min_spend: float
-) -> tuple[Fit, float]:
+) -> tuple[Fit, float, torch.Tensor]:
     """Set γ so the mix of the cheap and expensive tie-breaks meets the budget in expectation; also returns
-    the most the crossing can spend (the expensive tie-break's cost).
+    the most the crossing can spend (the expensive tie-break's cost) and its expected quality per query.
 
     At λ = 0 the ties are between plans of equal estimated quality (with estimates that no answer moves,
     every superset of the best model): there γ buys the expensive tie-break's extra calls only if they
@@ -341,5 +360,6 @@ def _with_gamma(
     gamma = min(max((target - c0) / (c1 - c0), 0.0), 1.0) if c1 > c0 else 0.0
     cost = (1 - gamma) * c0 + gamma * c1
     quality = (1 - gamma) * cheap.mean_quality + gamma * dear.mean_quality
-    return Fit(family.make(scale, shape, gamma), cost, quality), reach
+    per_query = (1 - gamma) * cheap.quality + gamma * dear.quality
+    return Fit(family.make(scale, shape, gamma), cost, quality), reach, per_query
 

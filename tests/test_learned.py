@@ -277,12 +277,13 @@ def test_post_hoc_move_gains_of_zero_give_a_zero_sigma_not_a_crash(tmp_path, mon
     table = random_table(120, 4, seed=8)
     config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "cache", epochs=2)
     estimator = LearnedEstimator(config).fit(table.train())
-    assert estimator.posthoc and estimator.scale == 0.0
+    # 0 up to float32 rounding of the moves (exactly 0 on some CPUs, ~1e-8 on others)
+    assert estimator.posthoc and abs(estimator.scale) < 1e-6
     assert bool(torch.isfinite(estimator.correlation).all())
     test = table.test()
     rows, run = states(test.n, test.k, seed=5)
     est = estimator.predict(estimator.featurize(test), rows, run)
-    assert bool(torch.isfinite(est.quality).all()) and bool((est.cov == 0).all())
+    assert bool(torch.isfinite(est.quality).all()) and float(est.cov.abs().max()) < 1e-10
 
 
 def test_an_ensemble_averages_its_members_seeds_and_round_trips(tmp_path):

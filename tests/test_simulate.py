@@ -188,6 +188,46 @@ def test_a_budget_no_multiplier_meets_gets_the_cheapest_strategy_seen(setup):
         assert sim.run(fit.strategy).mean_quality == pytest.approx(1.0)
 
 
+class _Flattering(TruthEstimator):
+    """The true costs; every query's quality estimated at 0.6 for model 0 and 0.9 for model 1."""
+
+    def featurize(self, table):
+        features = super().featurize(table)
+        features["quality"] = torch.tensor([0.6, 0.9], dtype=features["quality"].dtype).expand(table.n, 2).clone()
+        return features
+
+
+def test_a_generous_budget_keeps_a_cheaper_strategy_of_the_sweep_that_answers_better(setup):
+    """λ = 0 meets a generous budget at once; when a strategy the sweep fitted for a smaller budget answers
+    better on the training queries (here the estimates rank the models wrongly), the larger budget gets it."""
+    table, _, _ = setup
+    train = table.train()
+    n = train.n
+    train.quality = torch.stack([torch.ones(n), torch.zeros(n)], 1).to(train.quality.dtype)
+    train.cost = torch.stack([torch.full((n,), 1.0), torch.full((n,), 2.0)], 1).to(train.cost.dtype)
+    train.models, train.answers, train.confidence = train.models[:2], None, None
+    train.tokens_in = train.tokens_out = None
+    sim = Simulator(train, _Flattering().fit(train), kernel=KERNEL)
+    greedy = sim.run(Strategy("routing", 1, lambdas=[0.0]))
+    assert greedy.mean_cost == pytest.approx(2.0) and greedy.mean_quality == 0.0
+    alone = calibrate(sim, "routing", 2.5, max_depth=1, config=CalibrationConfig(n_trials=0))
+    assert alone.strategy.lambdas == (0.0,) and alone.quality == 0.0  # nothing cheaper was simulated
+    for mode in ("routing", "cascade_routing"):
+        low, high = calibrate_sweep(sim, mode, [1.0, 2.5], max_depth=2, config=CalibrationConfig(n_trials=0))
+        assert low.quality == pytest.approx(1.0) and low.cost == pytest.approx(1.0), mode
+        assert high.quality == pytest.approx(1.0) and high.cost == pytest.approx(1.0), mode
+        assert high.strategy.budget == 2.5 and sim.run(high.strategy).mean_quality == pytest.approx(1.0)
+        spending = calibrate_sweep(sim, mode, [1.0, 2.5], max_depth=2, config=CalibrationConfig(n_trials=0, min_spend=1.0))
+        assert spending[1].cost >= 2.0 - 1e-9, mode  # a spending floor still spends
+    # better by one query in 90 is a tie: the generous budget is spent as the multipliers say
+    right = (torch.arange(n) % 3 > 0).to(train.quality.dtype)
+    train.quality = torch.stack([right, right], 1)
+    train.quality[1, 1] = 0.0  # query 1: model 0 right, model 1 wrong
+    sim = Simulator(train, _Flattering().fit(train), kernel=KERNEL)
+    low, high = calibrate_sweep(sim, "routing", [1.0, 2.5], max_depth=1, config=CalibrationConfig(n_trials=0))
+    assert low.quality == pytest.approx(high.quality + 1 / n) and high.cost == pytest.approx(2.0)
+
+
 def test_calibration_prefers_quality_over_spending(setup):
     """A thresholding cascade whose later models are worse should not spend a generous budget."""
     table, estimator, _ = setup
