@@ -177,8 +177,6 @@ def _calibrate_family(
     """Calibrate the multipliers of one strategy family for the budget (see `calibrate`). The strategies of
     the family that earlier budgets of the sweep simulated are candidates too: at a budget above what λ = 0
     spends, the bisection stops at once, and a dearer budget's λ may answer better on the training queries."""
-    tried: list[Fit] = [Fit(s.replace(budget=budget), *outcome) for s, outcome in memo.outcomes.items()
-                        if family.owns(s)]
 
     def measure(scale: float, shape: tuple[float, ...], bisecting: bool = False) -> tuple[float, float]:
         """Mean cost and quality at (scale, shape). A bisection keeps each query's latest outcome with the
@@ -198,9 +196,7 @@ def _calibrate_family(
             else:
                 outcome = sim.run(strategy)
                 memo.outcomes[strategy] = (outcome.mean_cost, outcome.mean_quality)
-        cost, quality = memo.outcomes[strategy]
-        tried.append(Fit(strategy, cost, quality))
-        return cost, quality
+        return memo.outcomes[strategy]
 
     if family.threshold:  # quality need not rise with spending here: look at a coarse grid of θ as well
         for theta in THRESHOLD_GRID:
@@ -213,6 +209,7 @@ def _calibrate_family(
             scale = _bisect(lambda s: measure(s, shape, True)[0], budget, family, config.bisect_iters)
             memo.rows.pop((family.key, shape), None)  # this budget's own shape: its queries' outcomes are not reused
     crossing, reach, per_query = _with_gamma(sim, family, scale, shape, budget, config.min_spend)
+    tried = [Fit(s.replace(budget=budget), *outcome) for s, outcome in memo.outcomes.items() if family.owns(s)]
     if not _within(crossing.cost, budget):  # no multiplier meets it: the cheapest strategy seen, best of equals
         return _cheapest(tried + [crossing])
     floor = config.min_spend * min(budget, reach)
