@@ -16,6 +16,11 @@ order, so `--repeats` is at most the number of sources; `--test-fraction` is not
 The split is written to DIR/splits/<shift>-<seed>.parquet (the table with its `split` column set) and
 evaluated with `--split column`. A run whose metrics.json exists is not repeated, so an interrupted
 sweep resumes (use a fresh DIR when changing those options or `--shift`).
+`--inner J` compares candidates without reading any test split: for each outer seed s, the queries
+of that split's test half are dropped, and its training half is split again J times (seeds 100..100+J−1,
+the same `--test-fraction`), written to DIR/splits/inner-<s>-<j>.parquet and evaluated into
+DIR/<estimator>-<s>-<j>. The summary then covers the N·J inner splits (inner splits of one outer
+split share queries, so their intervals are a little narrow); choose on them, confirm on the outer splits.
 Printed and written to DIR/summary.md and DIR/summary.json: mean ± sd of every method's AUC per
 estimator (linear, oracle and rules included), and paired differences over the N splits with 95 %
 t-intervals: per estimator cascade_routing − rules and cascade_routing − routing, and the first
@@ -37,16 +42,18 @@ import pandas as pd
 
 from router_train import evaluate
 from router_train.outputs import atomic_write_bytes, atomic_write_json
-from router_train.table import read_frame
+from router_train.table import read_frame, seeded_test_ids
 
 OWN_OPTIONS = ("--data", "--test-data", "--estimator", "--estimators", "--repeats", "--split", "--test-fraction",
-               "--seed", "--out", "--shift")
+               "--seed", "--out", "--shift", "--inner")
 """Options this script sets (or, --test-data, excludes) for every run; passing them through to evaluate is refused."""
 LEVEL = 0.95
 SHIFTS = ("none", "mix", "length", "source")
 MIX_WIDTH = 0.6
 """`mix`: each source's test share is uniform within test_fraction ± MIX_WIDTH × min(test_fraction,
 1 − test_fraction)."""
+INNER_SEED = 100
+"""`--inner`: the j-th inner split of an outer training half is seeded INNER_SEED + j (also evaluate's --seed)."""
 LENGTH_TILT = 3.0
 """`length`: a query's weight in the draw of test queries is e^(LENGTH_TILT × its length rank in its source)."""
 
@@ -145,18 +152,48 @@ def write_shifted_splits(data: str, shift: str, test_fraction: float, repeats: i
     return paths
 
 
+def write_inner_splits(data: str, test_fraction: float, repeats: int, inner: int, out: Path) -> list[tuple[str, Path]]:
+    """For each outer seed s < repeats, the table without the test queries of evaluate's seeded split s, its
+    `split` column set to the j-th seeded split of the remaining (training) queries, j < inner: (name, path)."""
+    try:
+        frame = read_frame(data)
+    except (OSError, ValueError) as e:
+        raise ShiftError(str(e)) from None
+    if "query_id" not in frame.columns:
+        raise ShiftError(f"{data}: --inner needs the column 'query_id' (one row per query and model)")
+    ids = frame["query_id"].astype(str)
+    every = ids.unique().astype(object)
+    written = []
+    for seed in range(repeats):
+        outer_test = set(seeded_test_ids(every, test_fraction, seed).tolist())
+        keep = ~ids.isin(outer_test)
+        train_ids = np.array(sorted(set(ids[keep])), dtype=object)
+        for j in range(inner):
+            test = seeded_test_ids(train_ids, test_fraction, INNER_SEED + j)
+            part = frame[keep.to_numpy()].assign(split=np.where(ids[keep].isin(set(test.tolist())), "test", "train"))
+            buffer = io.BytesIO()
+            part.to_parquet(buffer, index=False)
+            written.append((f"{seed}-{j}", out / "splits" / f"inner-{seed}-{j}.parquet"))
+            atomic_write_bytes(written[-1][1], buffer.getvalue())
+    return written
+
+
 def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[dict]]:
-    """metrics.json of every (estimator, seed), running evaluate for those not already on disk."""
+    """metrics.json of every (estimator, split), running evaluate for those not already on disk."""
     out = Path(args.out)
     runs: dict[str, list[dict]] = {e: [] for e in args.estimators}
-    if args.shift == "none":
-        splits = [["--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction)]] * args.repeats
+    if args.inner:
+        splits = [(name, ["--data", str(path), "--split", "column"], INNER_SEED + int(name.split("-")[1]))
+                  for name, path in write_inner_splits(args.data, args.test_fraction, args.repeats, args.inner, out)]
+    elif args.shift == "none":
+        seeded = ["--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction)]
+        splits = [(str(seed), seeded, seed) for seed in range(args.repeats)]
     else:  # every split made before any run, so that a table --shift cannot split fails at once
         paths = write_shifted_splits(args.data, args.shift, args.test_fraction, args.repeats, out)
-        splits = [["--data", str(path), "--split", "column"] for path in paths]
-    for seed, split in enumerate(splits):
+        splits = [(str(seed), ["--data", str(path), "--split", "column"], seed) for seed, path in enumerate(paths)]
+    for name, split, seed in splits:
         for estimator in args.estimators:
-            run_dir = out / f"{estimator}-{seed}"
+            run_dir = out / f"{estimator}-{name}"
             path = run_dir / "metrics.json"
             if path.exists():
                 print(f"{run_dir.name}: done before, reading {path}", file=sys.stderr)
@@ -170,7 +207,8 @@ def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[
     return runs
 
 
-def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: list[str], shift: str) -> dict:
+def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: list[str], shift: str,
+              inner: int = 0) -> dict:
     """Mean ± sd per (estimator, method) and the paired differences, from the per-run metrics."""
     estimators = list(runs)
     methods = list(runs[estimators[0]][0]["auc"])
@@ -196,7 +234,7 @@ def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: 
             name = f"{ea} {ma} − {mb}" if ea == eb else f"{ma}: {ea} − {eb}"
             diff = [a - b for a, b in zip(aucs[ea][ma], aucs[eb][mb])]
             differences.append({"name": name, "a": [ea, ma], "b": [eb, mb], **paired(diff)})
-    return {"repeats": len(runs[estimators[0]]), "test_fraction": test_fraction, "shift": shift,
+    return {"repeats": len(runs[estimators[0]]), "test_fraction": test_fraction, "shift": shift, "inner": inner,
             "evaluate_args": evaluate_args,
             "level": LEVEL, "estimators": estimators, "methods": methods, "auc": table, "differences": differences}
 
@@ -204,7 +242,10 @@ def summarize(runs: dict[str, list[dict]], test_fraction: float, evaluate_args: 
 def markdown(summary: dict) -> str:
     """The summary as two markdown tables."""
     n, methods = summary["repeats"], summary["methods"]
-    if summary["shift"] == "source":
+    if summary.get("inner"):
+        splits = (f"inner splits ({summary['inner']} of each of {n // summary['inner']} outer training halves, "
+                  f"{summary['test_fraction']:.0%} of their queries in test; no outer test query read)")
+    elif summary["shift"] == "source":
         splits = "splits, each testing on one source that training did not see"
     else:
         shifted = "" if summary["shift"] == "none" else f", test shifted by {summary['shift']}"
@@ -233,14 +274,22 @@ def main(argv: list[str] | None = None) -> dict:
                    help="mix: each source's test share drawn per seed; length: longer prompts more often in test; "
                         "source: seed s tests on the s-th source alone, trained on the others "
                         "(default none: a uniform random split)")
+    p.add_argument("--inner", type=int, default=0,
+                   help="J >= 1: split each outer training half again J times and evaluate on those only, never "
+                        "reading an outer test query (to choose between candidates; default 0: the outer splits)")
     p.add_argument("--out", required=True, help="folder for the runs (DIR/<estimator>-<seed>) and the summary")
     args, passthrough = p.parse_known_args(argv)
     args.estimators = [e for e in args.estimators.split(",") if e]
     unknown = sorted(set(args.estimators) - set(evaluate.ESTIMATORS))
     if unknown or not args.estimators or len(set(args.estimators)) != len(args.estimators):
         p.error(f"--estimators: give distinct names from {list(evaluate.ESTIMATORS)}, got {args.estimators}")
-    if args.repeats < 2:
+    if args.repeats < (1 if args.inner else 2):
         p.error(f"--repeats: an interval needs at least 2 splits, got {args.repeats}")
+    if args.inner < 0 or (args.inner and args.shift != "none"):
+        p.error(f"--inner: give J >= 1 inner splits of uniform outer splits (no --shift), got {args.inner}"
+                + (f" with --shift {args.shift}" if args.shift != "none" else ""))
+    if args.inner and args.repeats * args.inner < 2:
+        p.error("--inner: an interval needs at least 2 inner splits in all")
     clash = sorted({a.split("=")[0] for a in passthrough} & set(OWN_OPTIONS))
     if clash:
         p.error(f"{clash} are set by this script for every run; do not pass them through")
@@ -248,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = run_all(args, passthrough)
     except ShiftError as e:
         p.error(str(e))
-    summary = summarize(runs, args.test_fraction, passthrough, args.shift)
+    summary = summarize(runs, args.test_fraction, passthrough, args.shift, args.inner)
     text = markdown(summary)
     atomic_write_json(Path(args.out) / "summary.json", summary)
     atomic_write_bytes(Path(args.out) / "summary.md", text.encode())

@@ -223,7 +223,7 @@ def load_table(
         sources = df["source"].iloc[first_row].fillna("").astype(str).to_numpy(dtype=object)
     # Only the per-cell columns from here on: filtering long text columns row by row is slow.
     df = df[[c for c in _CELL_COLUMNS if c in df.columns]]
-    file_test_ids = _seeded_test_ids(query_ids, test_fraction, seed)
+    file_test_ids = seeded_test_ids(query_ids, test_fraction, seed)
 
     available = sorted(df["model"].unique().tolist())
     if models is not None:
@@ -479,8 +479,9 @@ def _split_column(
     return is_test
 
 
-def _seeded_test_ids(query_ids: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """The ids of a seeded random `test_fraction` of the queries; sorting first makes it independent of row order."""
+def seeded_test_ids(query_ids: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """The ids of a seeded random `test_fraction` of the queries (`load_table`'s seeded split); sorting first makes it
+    independent of row order."""
     ordered = np.sort(query_ids.astype(str))
     n_test = int(round(test_fraction * len(ordered)))
     return ordered[np.random.default_rng(seed).permutation(len(ordered))[:n_test]]

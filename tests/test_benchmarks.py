@@ -202,6 +202,37 @@ def test_repeated_splits_evaluates_the_shifted_split_it_writes(tmp_path, capsys)
     assert not list((tmp_path / "loso").glob("noisy-*"))
 
 
+def test_inner_splits_never_read_an_outer_test_query(tmp_path, capsys):
+    from router_train.table import seeded_test_ids
+
+    frame = random_frame(120, 3, seed=6)
+    frame.to_parquet(tmp_path / "table.parquet", index=False)
+    out = tmp_path / "inner"
+    module = _load("repeated_splits")
+    args = ["--data", str(tmp_path / "table.parquet"), "--estimators", "noisy", "--repeats", "2", "--inner", "2",
+            "--out", str(out), "--max-depth", "2", "--budgets", "3", "--samples", "16", "--bootstrap", "10",
+            "--methods", "routing", "--threads", "1", "--workers", "1"]
+    summary = module.main(args)
+    every = frame["query_id"].astype(str).unique().astype(object)
+    inner_tests = []
+    for s in (0, 1):
+        outer_test = set(seeded_test_ids(every, 0.5, s).tolist())  # what `evaluate --split seeded --seed s` tests on
+        for j in (0, 1):
+            written = pd.read_parquet(out / "splits" / f"inner-{s}-{j}.parquet")
+            per_query = written.groupby("query_id")["split"].first()
+            assert not outer_test & set(per_query.index)  # the outer test half is never read
+            assert set(per_query.index) | outer_test == set(every)  # the whole training half is
+            assert (per_query == "test").sum() == round(0.5 * len(per_query))
+            inner_tests.append(frozenset(per_query.index[per_query == "test"]))
+            assert json.loads((out / f"noisy-{s}-{j}" / "metrics.json").read_text())["n_test"] == (per_query == "test").sum()
+    assert len(set(inner_tests)) == 4  # four different inner splits
+    assert summary["repeats"] == 4 and summary["inner"] == 2
+    assert "inner splits (2 of each of 2 outer training halves" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main([*args, "--shift", "mix"])
+    assert "--inner" in capsys.readouterr().err
+
+
 GRID = [0.0, 0.25, 0.5, 0.5 + 4e-7, 0.75, 1.0]  # 0.5 + 4e-7 ties 0.5 within the tolerance
 
 
