@@ -90,7 +90,7 @@ def paired(values: list[float]) -> dict:
 
 
 class ShiftError(ValueError):
-    """A table `--shift` cannot read or shift."""
+    """A table `--shift` or `--inner` cannot read or split."""
 
 
 def shifted_test_ids(
@@ -126,16 +126,30 @@ def shifted_test_ids(
     return test
 
 
-def write_shifted_splits(data: str, shift: str, test_fraction: float, repeats: int, out: Path) -> list[Path]:
-    """The table at `data` with its `split` column set to the shifted split of each seed 0..repeats−1, saved
-    as Parquet under `out`; the table is read once for all of them."""
+def read_for_splits(data: str, option: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    """The table at `data`, which `option` (--shift or --inner) splits; it needs `columns`."""
     try:
         frame = read_frame(data)
     except (OSError, ValueError) as e:
         raise ShiftError(str(e)) from None
-    for column in ("query_id", "query"):
+    for column in columns:
         if column not in frame.columns:
-            raise ShiftError(f"{data}: --shift needs the column {column!r} (one row per query and model)")
+            raise ShiftError(f"{data}: {option} needs the column {column!r} (one row per query and model)")
+    return frame
+
+
+def write_split(frame: pd.DataFrame, is_test: np.ndarray, path: Path) -> Path:
+    """`frame` with its `split` column set from the per-row `is_test`, written atomically as Parquet to `path`."""
+    buffer = io.BytesIO()
+    frame.assign(split=np.where(is_test, "test", "train")).to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_shifted_splits(data: str, shift: str, test_fraction: float, repeats: int, out: Path) -> list[Path]:
+    """The table at `data` with its `split` column set to the shifted split of each seed 0..repeats−1, saved
+    as Parquet under `out`; the table is read once for all of them."""
+    frame = read_for_splits(data, "--shift", ("query_id", "query"))
     ids = frame["query_id"].astype(str).to_numpy(dtype=object)
     first = pd.Series(np.arange(len(frame))).groupby(ids, sort=True).first().to_numpy()
     sources = (frame["source"].fillna("").astype(str) if "source" in frame.columns
@@ -143,38 +157,26 @@ def write_shifted_splits(data: str, shift: str, test_fraction: float, repeats: i
     lengths = frame["query"].fillna("").astype(str).str.len().to_numpy()
     tests = [shifted_test_ids(ids[first], lengths[first], sources[first], shift, test_fraction, seed)
              for seed in range(repeats)]  # every split drawn before any is written: one that fails, fails first
-    paths = []
-    for seed, test in enumerate(tests):
-        buffer = io.BytesIO()
-        frame.assign(split=np.where(pd.Series(ids).isin(test), "test", "train")).to_parquet(buffer, index=False)
-        paths.append(out / "splits" / f"{shift}-{seed}.parquet")
-        atomic_write_bytes(paths[-1], buffer.getvalue())
-    return paths
+    return [write_split(frame, pd.Series(ids).isin(test).to_numpy(), out / "splits" / f"{shift}-{seed}.parquet")
+            for seed, test in enumerate(tests)]
 
 
-def write_inner_splits(data: str, test_fraction: float, repeats: int, inner: int, out: Path) -> list[tuple[str, Path]]:
+def write_inner_splits(data: str, test_fraction: float, repeats: int, inner: int, out: Path) -> list[tuple[str, Path, int]]:
     """For each outer seed s < repeats, the table without the test queries of evaluate's seeded split s, its
-    `split` column set to the j-th seeded split of the remaining (training) queries, j < inner: (name, path)."""
-    try:
-        frame = read_frame(data)
-    except (OSError, ValueError) as e:
-        raise ShiftError(str(e)) from None
-    if "query_id" not in frame.columns:
-        raise ShiftError(f"{data}: --inner needs the column 'query_id' (one row per query and model)")
+    `split` column set to the j-th seeded split (seed INNER_SEED + j) of the remaining (training) queries,
+    j < inner: (name "s-j", path, inner seed)."""
+    frame = read_for_splits(data, "--inner", ("query_id",))
     ids = frame["query_id"].astype(str)
     every = ids.unique().astype(object)
     written = []
     for seed in range(repeats):
-        outer_test = set(seeded_test_ids(every, test_fraction, seed).tolist())
-        keep = ~ids.isin(outer_test)
+        keep = ~ids.isin(set(seeded_test_ids(every, test_fraction, seed).tolist()))
         train_ids = np.array(sorted(set(ids[keep])), dtype=object)
         for j in range(inner):
-            test = seeded_test_ids(train_ids, test_fraction, INNER_SEED + j)
-            part = frame[keep.to_numpy()].assign(split=np.where(ids[keep].isin(set(test.tolist())), "test", "train"))
-            buffer = io.BytesIO()
-            part.to_parquet(buffer, index=False)
-            written.append((f"{seed}-{j}", out / "splits" / f"inner-{seed}-{j}.parquet"))
-            atomic_write_bytes(written[-1][1], buffer.getvalue())
+            test = set(seeded_test_ids(train_ids, test_fraction, INNER_SEED + j).tolist())
+            path = write_split(frame[keep.to_numpy()], ids[keep].isin(test).to_numpy(),
+                               out / "splits" / f"inner-{seed}-{j}.parquet")
+            written.append((f"{seed}-{j}", path, INNER_SEED + j))
     return written
 
 
@@ -183,8 +185,8 @@ def run_all(args: argparse.Namespace, passthrough: list[str]) -> dict[str, list[
     out = Path(args.out)
     runs: dict[str, list[dict]] = {e: [] for e in args.estimators}
     if args.inner:
-        splits = [(name, ["--data", str(path), "--split", "column"], INNER_SEED + int(name.split("-")[1]))
-                  for name, path in write_inner_splits(args.data, args.test_fraction, args.repeats, args.inner, out)]
+        splits = [(name, ["--data", str(path), "--split", "column"], seed)
+                  for name, path, seed in write_inner_splits(args.data, args.test_fraction, args.repeats, args.inner, out)]
     elif args.shift == "none":
         seeded = ["--data", args.data, "--split", "seeded", "--test-fraction", str(args.test_fraction)]
         splits = [(str(seed), seeded, seed) for seed in range(args.repeats)]

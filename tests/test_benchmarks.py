@@ -126,6 +126,11 @@ def test_repeated_splits_summarizes_the_per_run_metrics_and_resumes(tmp_path, mo
         module.main([*args, "--seed", "3"])
 
 
+TINY_SWEEP = ("--max-depth", "2", "--budgets", "3", "--samples", "16", "--bootstrap", "10", "--methods", "routing",
+              "--threads", "1", "--workers", "1")
+"""evaluate options of the repeated-split tests that only check which queries each run trains and tests on."""
+
+
 def _shift_inputs(per_source: int, sources: int = 3, seed: int = 0):
     rng = np.random.default_rng(seed)
     n = per_source * sources
@@ -175,8 +180,7 @@ def test_repeated_splits_evaluates_the_shifted_split_it_writes(tmp_path, capsys)
     out = tmp_path / "shifted"
     module = _load("repeated_splits")
     args = ["--data", str(tmp_path / "table.csv"), "--estimators", "noisy", "--repeats", "2", "--shift", "mix",
-            "--out", str(out), "--max-depth", "2", "--budgets", "3", "--samples", "16", "--bootstrap", "10",
-            "--methods", "routing", "--threads", "1", "--workers", "1"]
+            "--out", str(out), *TINY_SWEEP]
     summary = module.main(args)
     assert summary["shift"] == "mix" and "test shifted by mix" in capsys.readouterr().out
     for seed in (0, 1):
@@ -210,8 +214,7 @@ def test_inner_splits_never_read_an_outer_test_query(tmp_path, capsys):
     out = tmp_path / "inner"
     module = _load("repeated_splits")
     args = ["--data", str(tmp_path / "table.parquet"), "--estimators", "noisy", "--repeats", "2", "--inner", "2",
-            "--out", str(out), "--max-depth", "2", "--budgets", "3", "--samples", "16", "--bootstrap", "10",
-            "--methods", "routing", "--threads", "1", "--workers", "1"]
+            "--out", str(out), *TINY_SWEEP]
     summary = module.main(args)
     every = frame["query_id"].astype(str).unique().astype(object)
     inner_tests = []
