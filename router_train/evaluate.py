@@ -312,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="processes that calibrate the methods side by side (default: the CPU cores available, "
                    f"here {default_workers()}; 1: all in this process)")
-    p.add_argument("--sigma-scales", help="comma-separated Σ multipliers for cascade and cascade routing, the one with "
-                   "the best mean training quality over the budgets kept (default: 1 for the noisy estimator, "
-                   "0,0.5,1 for trained estimators)")
+    p.add_argument("--sigma-scales", help="comma-separated Σ multipliers for cascade and cascade routing: the first is "
+                   "kept unless another answers the training queries clearly better over the budgets (default: 1 for "
+                   "the noisy estimator, 0,0.5,1 for trained estimators)")
     p.add_argument("--min-spend", type=float, default=0.0,
                    help="a cheaper strategy with a higher calibration quality replaces the budget-meeting one only "
                    "if it spends at least this share of the budget (default 0: any; 1: spend exactly the budget)")
