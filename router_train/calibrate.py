@@ -249,14 +249,20 @@ def calibrate_sweep(
     memo = SweepMemo()
     scales = _sigma_scales(mode, config)
     best: list[Fit] = []
+    best_quality: torch.Tensor | None = None  # its per-query qualities, simulated once when first compared
     with sim.keeping_estimates() if len(scales) > 1 else nullcontext():  # the multipliers share most states
         for scale in scales:
             one = replace(config, sigma_scales=(scale,))
             fits = [calibrate(sim, mode, float(b), max_depth=max_depth, force_order=force_order, config=one,
                               memo=memo) for b in budgets]
-            if not best or (_mean_quality(fits) > _mean_quality(best) + 1e-12
-                            and _clearly_better(_sweep_quality(sim, fits), _sweep_quality(sim, best))):
+            if not best:
                 best = fits
+            elif _mean_quality(fits) > _mean_quality(best) + 1e-12:  # else not clearly better: no simulation
+                quality = _sweep_quality(sim, fits)
+                if best_quality is None:
+                    best_quality = _sweep_quality(sim, best)
+                if _clearly_better(quality, best_quality):
+                    best, best_quality = fits, quality
     return best
 
 
