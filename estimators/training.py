@@ -117,13 +117,17 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def fit_shallow(
-    net: QualityNet, data: QualityData, fit_rows: torch.Tensor, val_rows: torch.Tensor, settings: TrainSettings
+    net: QualityNet, data: QualityData, fit_rows: torch.Tensor, val_rows: torch.Tensor, settings: TrainSettings,
+    sparse: bool | None = None,
 ) -> float:
     """Stage 0: fit the wide regression (the deep parts are still zero) to convergence by L-BFGS, like the
     reference's logistic regressions, for each L2 strength of `settings.shallow_c` (strongest first, each
     fit starting from the previous one); keep the one with the lowest loss on the held-back rows' states.
     At most `settings.shallow_states` training states are used (a seeded subsample), which bounds the
-    cost for many models and queries. Returns the chosen C."""
+    cost for many models and queries. `sparse` (None: on the CPU) fits on a sparse matrix of the raw
+    features, most of which are zero (29 models, depth 3: ~1,160 features, a few dozen non-zero per
+    state): the same regression, ~3.5x faster per estimator on mmlu_pro (benchmarks/fit_time.py). Returns
+    the chosen C."""
     k = data.quality.shape[1]
     device = net.readout.device
 
@@ -144,6 +148,10 @@ def fit_shallow(
     val_wide, val_base, val_target, val_run = design(val_rows, settings.seed + 6)
     net.wide_mean.copy_(wide.mean(0))
     net.wide_scale.copy_(wide.std(0).clamp(min=1e-3))
+    if sparse is None:
+        sparse = device.type == "cpu"
+    if sparse:
+        wide, val_wide = wide.to_sparse_csr(), val_wide.to_sparse_csr()
     best = (math.inf, None, None)
     nn.init.zeros_(net.wide.weight)
     nn.init.zeros_(net.wide.bias)

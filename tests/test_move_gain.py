@@ -59,3 +59,36 @@ def test_the_network_applies_the_gain_to_each_post_hoc_move():
     assert torch.allclose(gated[2, 1], ante[2, 1] + 1.5 * (post[2, 1] - ante[2, 1]), atol=1e-6)  # run
     assert torch.equal(gated_hidden, hidden) and torch.equal(given, gated)
     assert not torch.allclose(gated[1:], post[1:])
+
+
+def test_the_wide_regression_on_sparse_raw_features_equals_the_dense_standardized_one():
+    """Stage 0 fits the wide regression on a sparse matrix of raw features (standardization folded into
+    the weights, zeros skipped); its logits and their gradients must be the dense path's."""
+    from estimators.network import wide_features
+    from estimators.run_sets import sample_run_sets
+
+    gen = torch.Generator().manual_seed(3)
+    n, k, n_sources = 64, 5, 3
+    answers = [[str(int(x)) for x in row] for row in torch.randint(0, 3, (n, k), generator=gen)]
+    confidence = -torch.rand(n, k, generator=gen) * 3
+    features = answer_features(answers, confidence, n, k)
+    rows, run = sample_run_sets(n, k, 3, 2, gen)
+    source = torch.randint(0, n_sources + 1, (n,), generator=gen)
+    calibrated, prior = torch.randn(n, k, generator=gen), torch.randn(n, k, generator=gen)
+    wide = wide_features(features.rows(rows), run, calibrated[rows], prior[rows], source[rows], n_sources)
+    base = torch.randn(len(rows), k, generator=gen)
+    net = QualityNet(NetConfig(embed_dim=4, n_models=k, hidden=8, layers=0, n_sources=n_sources))
+    with torch.no_grad():
+        net.wide.weight.normal_(generator=gen)
+        net.wide.bias.normal_(generator=gen)
+        net.wide_mean.copy_(wide.mean(0))
+        net.wide_scale.copy_(wide.std(0).clamp(min=1e-3))
+    assert float((wide == 0).float().mean()) > 0.5  # the case the sparse path is for
+    grads = []
+    for matrix in (wide, wide.to_sparse_csr()):
+        net.zero_grad()
+        logits = net.shallow(matrix, base, run)
+        logits.square().sum().backward()
+        grads.append((logits.detach(), net.wide.weight.grad.clone(), net.wide.bias.grad.clone()))
+    for dense, sparse in zip(*grads):
+        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
