@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -151,7 +152,9 @@ def fit_shallow(
     if sparse is None:
         sparse = device.type == "cpu"
     if sparse:
-        wide, val_wide = wide.to_sparse_csr(), val_wide.to_sparse_csr()
+        with warnings.catch_warnings():  # torch's note that sparse CSR is a beta layout: said once per fit, to no use
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            wide, val_wide = wide.to_sparse_csr(), val_wide.to_sparse_csr()
     best = (math.inf, None, None)
     nn.init.zeros_(net.wide.weight)
     nn.init.zeros_(net.wide.bias)
