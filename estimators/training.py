@@ -117,6 +117,11 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
 
 
+SPARSE_MIN_FEATURES = 512
+"""Wide features (about 40 per model) from which stage 0 fits on a sparse matrix on the CPU: with fewer the dense
+product is as fast or faster (rlc_train's 9 models, 189 features, 150 queries: 1.5 s dense, 2.6 s sparse)."""
+
+
 def fit_shallow(
     net: QualityNet, data: QualityData, fit_rows: torch.Tensor, val_rows: torch.Tensor, settings: TrainSettings,
     sparse: bool | None = None,
@@ -125,9 +130,9 @@ def fit_shallow(
     reference's logistic regressions, for each L2 strength of `settings.shallow_c` (strongest first, each
     fit starting from the previous one); keep the one with the lowest loss on the held-back rows' states.
     At most `settings.shallow_states` training states are used (a seeded subsample), which bounds the
-    cost for many models and queries. `sparse` (None: on the CPU) fits on a sparse matrix of the raw
-    features, most of which are zero (29 models, depth 3: ~1,160 features, a few dozen non-zero per
-    state): the same regression, its L-BFGS 3.8x and a whole network 2.3x faster on 2,000 queries of
+    cost for many models and queries. `sparse` (None: on the CPU from `SPARSE_MIN_FEATURES` features on)
+    fits on a sparse matrix of the raw features, most of which are zero (29 models, depth 3: ~1,160
+    features, a few dozen non-zero per state): the same regression, its L-BFGS 3.8x and a whole network 2.3x faster on 2,000 queries of
     mmlu_pro (benchmarks/fit_time.py). Returns the chosen C."""
     k = data.quality.shape[1]
     device = net.readout.device
@@ -150,7 +155,7 @@ def fit_shallow(
     net.wide_mean.copy_(wide.mean(0))
     net.wide_scale.copy_(wide.std(0).clamp(min=1e-3))
     if sparse is None:
-        sparse = device.type == "cpu"
+        sparse = device.type == "cpu" and wide.shape[1] >= SPARSE_MIN_FEATURES
     if sparse:
         with warnings.catch_warnings():  # torch's note that sparse CSR is a beta layout: said once per fit, to no use
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)

@@ -165,7 +165,8 @@ def test_a_backend_outage_mid_run(stack):
         assert not isinstance(result, openai.APIStatusError), result.message  # another model answers
         info = result.model_extra["router"]
         failed = [call for call in info["calls"] if not call["ok"]]
-        assert all(call["model"] == "model-1" and "HTTP 500" in call["error"] for call in failed), failed
+        # only the model taken down fails: HTTP 500, or under load its connection reset while going down
+        assert all(call["model"] == "model-1" and call["error"].startswith("model-1:") for call in failed), failed
         skipped += bool(failed)
         assert result.choices[0].message.content == default_answer(served_id(info["answer_model"]), prompt)[0]
     assert skipped > 0
