@@ -1,5 +1,6 @@
 """Time to fit one learned estimator, with stage 0 (the wide regression's L-BFGS) on sparse raw features
-(the default on the CPU) against the dense standardized ones (the code before), in the same run.
+(the default on the CPU from `training.SPARSE_MIN_FEATURES` features on) against the dense standardized ones,
+in the same run.
 
     python benchmarks/fit_time.py [--data ../shared/data/mmlu_pro.parquet] [--missing drop] [--queries 2000] \\
         [--config configs/default.yaml] [--threads 2]
@@ -15,7 +16,6 @@ same regression, so it is small but not 0: L-BFGS follows a slightly different f
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import time

@@ -206,22 +206,21 @@ class QualityNet(nn.Module):
 
     def _wide(self, wide: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """The wide regression's logits (B, k): a model's own answer changes which evidence counts, so each
-        model has one weight vector while it has not run and another once it has."""
-        free, ran = self.wide((wide - self.wide_mean) / self.wide_scale).chunk(2, dim=1)
+        model has one weight vector while it has not run and another once it has. `wide` may be a sparse CSR
+        matrix of the raw features (most are zero: every feature of a model not run); the standardization is
+        then folded into the weights and the product skips the zeros (stage 0's L-BFGS with many models)."""
+        if wide.is_sparse_csr:
+            weight = self.wide.weight / self.wide_scale
+            logits = torch.sparse.mm(wide, weight.t()) + (self.wide.bias - weight @ self.wide_mean)
+        else:
+            logits = self.wide((wide - self.wide_mean) / self.wide_scale)
+        free, ran = logits.chunk(2, dim=1)
         return torch.where(run, ran, free)
 
     def shallow(self, wide: torch.Tensor, base: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """The network's logits while its deep parts are still zero: `base` (the prior, or the calibrated
-        confidence for models that ran) plus the wide regression. `wide` may be a sparse CSR matrix of raw
-        (unstandardized) features: most are zero (every feature of a model not run), so the standardization
-        is folded into the weights and the product skips the zeros (stage 0's L-BFGS, dense, dominated
-        fitting with many models)."""
-        if not wide.is_sparse_csr:
-            return base + self._wide(wide, run)
-        weight = self.wide.weight / self.wide_scale
-        logits = torch.sparse.mm(wide, weight.t()) + (self.wide.bias - weight @ self.wide_mean)
-        free, ran = logits.chunk(2, dim=1)
-        return base + torch.where(run, ran, free)
+        confidence for models that ran) plus the wide regression (`wide` dense or sparse CSR, see `_wide`)."""
+        return base + self._wide(wide, run)
 
     def log_variance(self, hidden: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """Log variance (B, k) of the move of each estimate when its model runs next, from detached token states."""

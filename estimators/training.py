@@ -133,8 +133,8 @@ def fit_shallow(
     At most `settings.shallow_states` training states are used (a seeded subsample), which bounds the
     cost for many models and queries. `sparse` (None: on the CPU from `SPARSE_MIN_FEATURES` features on)
     fits on a sparse matrix of the raw features, most of which are zero (29 models, depth 3: ~1,160
-    features, a few dozen non-zero per state): the same regression, its L-BFGS 3.8x and a whole network 2.3x faster on 2,000 queries of
-    mmlu_pro (benchmarks/fit_time.py). Returns the chosen C."""
+    features, a few dozen non-zero per state): the same regression, its L-BFGS 3.8x and a whole network
+    2.3x faster on 2,000 queries of mmlu_pro (benchmarks/fit_time.py). Returns the chosen C."""
     k = data.quality.shape[1]
     device = net.readout.device
 
