@@ -96,6 +96,8 @@ def test_health_metrics_and_a_valid_openapi_document(served):
     observation = parts["Observation"]
     assert set(observation["properties"]) == set(OBSERVATION_FIELDS)
     assert observation["properties"]["model"]["enum"] == router.models
+    # its own request: the server is shared by the module, whose other tests xdist may run on another worker
+    assert post(url, {"queries": ["how many legs has a cat"]})[0] == 200
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         metrics = r.read().decode()
     assert 'router_requests_total{endpoint="/route_batch",status="200"}' in metrics
