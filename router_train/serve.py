@@ -327,6 +327,12 @@ def make_app(
 
 WORKER_ARGS = "ROUTER_TRAIN_SERVE_ARGS"
 """Environment variable through which `--workers` hands the parsed arguments to each worker process."""
+WORKER_HEALTHCHECK_S = 120
+"""How long uvicorn's supervisor waits for a worker's answer to its health ping before it kills and restarts the
+worker (uvicorn's default: 5 s). A spawned worker answers only once it has re-imported this module (torch, the
+router) and built its app; on a busy 2-core machine that can take longer than 5 s, and the test suite's
+2-worker test, run beside the other tests, timed out at 300 s twice with only one worker's export loaded (most
+likely workers killed and restarted in a loop)."""
 
 
 def build_app(args: argparse.Namespace):
@@ -402,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
             args.metrics_dir = tempfile.mkdtemp(prefix="router-train-metrics-")  # each worker's counts
             os.environ[WORKER_ARGS] = json.dumps(vars(args))
-            config = uvicorn.Config("router_train.serve:worker_app", factory=True, workers=args.workers, **options)
+            config = uvicorn.Config("router_train.serve:worker_app", factory=True, workers=args.workers,
+                                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_S, **options)
             try:
                 Multiprocess(config, sockets=[sock]).run()
             finally:
