@@ -56,6 +56,11 @@ class QualityEstimator(ABC):
     def predict(self, features: Features, rows: torch.Tensor, run: torch.Tensor) -> Estimate:
         """Estimates for `rows` (B,) of the featurized table, with `run` (B, k) bool the models already run."""
 
+    @property
+    def uncertain(self) -> bool:
+        """Whether `predict` can return a nonzero Σ; calibration tries Σ multipliers only for estimators that can."""
+        return True
+
     def check_models(self, table: RoutingTable) -> None:
         """Raise a ValueError unless the table has exactly this estimator's models, in its order."""
         if list(table.models) != list(self.models):

@@ -47,6 +47,10 @@ class CrossFitted(QualityEstimator):
         self.members = [self.build().fit(table.subset(self.fold != f)) for f in range(self.folds)]
         return self
 
+    @property
+    def uncertain(self) -> bool:
+        return any(member.uncertain for member in self.members)
+
     def featurize(self, table: RoutingTable) -> Features:
         """Each member's features of its own held-out fold, with each row's fold and position in it."""
         self.check_models(table)

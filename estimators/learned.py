@@ -207,8 +207,11 @@ class LearnedEstimator(QualityEstimator):
             self.net.move_gain = fit_move_gains(module, data, val_rows, cfg.train)
             if log is not None:
                 log({"move_gain_not_run": float(self.net.move_gain[0]), "move_gain_run": float(self.net.move_gain[1])})
-        train_variance(module, data, fit_rows, cfg.train, log=log)
-        self._calibrate(module, data, val_rows)
+            train_variance(module, data, fit_rows, cfg.train, log=log)
+            self._calibrate(module, data, val_rows)
+        else:  # estimates never move, so `predict` gives Σ = 0: the variance head would be fitted for nothing
+            self.scale = 0.0
+            self.correlation = torch.eye(table.k).expand(cfg.train.max_depth + 1, table.k, table.k).clone()
         module.eval()
         return self
 
@@ -255,6 +258,10 @@ class LearnedEstimator(QualityEstimator):
         )
 
     # -- prediction -------------------------------------------------------------------------
+    @property
+    def uncertain(self) -> bool:
+        return self.posthoc  # without a post-hoc path `predict` gives Σ = 0
+
     @torch.no_grad()
     def predict(self, features: Features, rows: torch.Tensor, run: torch.Tensor) -> Estimate:
         if self.net is None:

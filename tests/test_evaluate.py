@@ -13,9 +13,12 @@ import pytest
 import torch
 from factories import random_frame
 
-from estimators import NoisyEstimator
+from estimators import NoisyEstimator, QualityEstimator
+from estimators.base import Estimate
 from router_train import evaluate as evaluate_cli
 from router_train import outputs
+from router_train.calibrate import CalibrationConfig
+from router_train.kernel import KernelConfig
 from router_train.rules import RulesBaseline
 from router_train.table import load_table
 
@@ -261,3 +264,52 @@ def test_worker_processes_give_the_report_of_one_process(table_path, tmp_path):
 def test_workers_must_be_positive(table_path, tmp_path, capsys):
     line = user_error(capsys, ["--data", str(table_path), "--workers", "0", "--out", str(tmp_path / "r"), *TINY])
     assert "--workers must be at least 1" in line
+
+
+class ZeroSigma(QualityEstimator):
+    """The noisy estimator's estimates with Σ = 0 everywhere; `uncertain` says so or not."""
+
+    def __init__(self, uncertain: bool) -> None:
+        self.inner, self.says = NoisyEstimator("low", seed=1), uncertain
+
+    @property
+    def uncertain(self) -> bool:
+        return self.says
+
+    def fit(self, table):
+        self.inner.fit(table)
+        self.models = self.inner.models
+        return self
+
+    def featurize(self, table):
+        return self.inner.featurize(table)
+
+    def predict(self, features, rows, run):
+        est = self.inner.predict(features, rows, run)
+        return Estimate(quality=est.quality, cost=est.cost, cov=torch.zeros_like(est.cov))
+
+
+def test_an_estimator_without_sigma_calibrates_one_sigma_multiplier_and_reports_the_same(table_path, monkeypatch):
+    """With Σ = 0 every multiplier calibrates the same strategies: an estimator that says it has no Σ (a learned
+    one trained without answers) gets only the first multiplier tried, and the same report."""
+    table = load_table(table_path)
+    train, test = table.train(), table.test()
+    tried = []
+    sweep = evaluate_cli.calibrate_sweep
+
+    def spy(*args, config, **kwargs):
+        tried.append((args[1], config.sigma_scales))
+        return sweep(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(evaluate_cli, "calibrate_sweep", spy)
+    reports = {}
+    for uncertain in (True, False):
+        tried.clear()
+        config = evaluate_cli.EvaluationConfig(
+            max_depth=3, n_budgets=4, n_bootstrap=50, workers=1, kernel=KernelConfig(n_samples=16),
+            calibration=CalibrationConfig(n_trials=3, sigma_scales=(0.0, 0.5, 1.0)))
+        reports[uncertain] = evaluate_cli.evaluate(train, test, ZeroSigma(uncertain).fit(train), config, log=lambda m: None)
+        scales = {mode: s for mode, s in tried}
+        expected = (0.0, 0.5, 1.0) if uncertain else (0.0,)
+        assert scales["cascade"] == scales["cascade_routing"] == expected, tried
+    assert reports[True] == reports[False]

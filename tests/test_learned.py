@@ -247,9 +247,16 @@ def test_cells_without_confidence_or_answer_give_finite_estimates(trained):
     assert bool(torch.isfinite(est.quality).all() and torch.isfinite(est.cov).all())
 
 
-def test_without_answers_or_confidences_running_a_model_changes_no_estimate(tmp_path):
+def test_without_answers_or_confidences_running_a_model_changes_no_estimate(tmp_path, monkeypatch):
     """Trained on a table with no answers, confidences or completion lengths (e.g. LLMRouter's), the post-hoc estimate of
-    every state is the ex-ante one and Σ is 0: cascade routing cannot pay for runs that reveal nothing."""
+    every state is the ex-ante one and Σ is 0: cascade routing cannot pay for runs that reveal nothing. The variance
+    head, whose Σ would be zeroed anyway, is not fitted, and the estimator says it has no Σ."""
+    import estimators.learned as learned
+
+    def unwanted(*args, **kwargs):
+        raise AssertionError("the variance head was fitted for an estimator whose Σ is 0")
+
+    monkeypatch.setattr(learned, "train_variance", unwanted)
     table = random_table(200, 4, seed=6)
     table.answers, table.confidence, table.tokens_out = None, None, None
     config = tiny_config(tiny_encoder_dir(tmp_path / "encoder"), tmp_path / "cache", epochs=5)
@@ -261,9 +268,12 @@ def test_without_answers_or_confidences_running_a_model_changes_no_estimate(tmp_
     est = estimator.predict(features, rows, run)
     ex_ante = estimator.predict(features, rows, torch.zeros_like(run))
     assert bool(run.any()) and torch.equal(est.quality, ex_ante.quality)
-    assert bool((est.cov == 0).all())
+    assert bool((est.cov == 0).all()) and estimator.uncertain is False
     estimator.save(tmp_path / "export")
-    assert LearnedEstimator.load(tmp_path / "export").posthoc is False
+    loaded = LearnedEstimator.load(tmp_path / "export")
+    assert loaded.posthoc is False and loaded.uncertain is False
+    again = loaded.predict(loaded.featurize(test), rows, run)
+    assert torch.equal(again.quality, est.quality) and bool((again.cov == 0).all())
     assert json.loads((tmp_path / "export" / "estimator.json").read_text())["posthoc"] is False
 
 
