@@ -1,6 +1,7 @@
 """The gains of the learned estimator's post-hoc moves: fitted so a move is as large as it is informative,
 applied by the network as ex-ante + gain · (post-hoc − ex-ante)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -61,6 +62,7 @@ def test_the_network_applies_the_gain_to_each_post_hoc_move():
     assert not torch.allclose(gated[1:], post[1:])
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # torch's note, as in fit_shallow
 def test_the_wide_regression_on_sparse_raw_features_equals_the_dense_standardized_one():
     """Stage 0 fits the wide regression on a sparse matrix of raw features (standardization folded into
     the weights, zeros skipped); its logits and their gradients must be the dense path's."""
