@@ -161,7 +161,7 @@ def calibrate(
     if mode == "routing":
         max_depth = 1
     memo = SweepMemo() if memo is None else memo
-    scales = _sigma_scales(mode, config)
+    scales = _sigma_scales(mode, config, sim)
     with sim.keeping_estimates() if len(scales) > 1 else nullcontext():
         fits = [
             _calibrate_family(sim, _Family(mode, max_depth, force_order, budget, scale), budget, config, memo)
@@ -247,7 +247,7 @@ def calibrate_sweep(
     Σ × 0 that way lost 2.7 points of test AUC to routing; see docs/benchmarks.md).
     """
     memo = SweepMemo()
-    scales = _sigma_scales(mode, config)
+    scales = _sigma_scales(mode, config, sim)
     best: list[Fit] = []
     best_quality: torch.Tensor | None = None  # its per-query qualities, simulated once when first compared
     with sim.keeping_estimates() if len(scales) > 1 else nullcontext():  # the multipliers share most states
@@ -271,9 +271,13 @@ def _sweep_quality(sim: Simulator, fits: list[Fit]) -> torch.Tensor:
     return torch.stack([sim.expected(f.strategy)[1] for f in fits]).mean(0)
 
 
-def _sigma_scales(mode: str, config: CalibrationConfig) -> tuple[float, ...]:
-    """The Σ multipliers calibrated for `mode` (one neutral value for the modes without Σ)."""
-    return config.sigma_scales if mode in SIGMA_MODES else (1.0,)
+def _sigma_scales(mode: str, config: CalibrationConfig, sim: Simulator) -> tuple[float, ...]:
+    """The Σ multipliers calibrated for `mode`: one neutral value for the modes without Σ, and only the first
+    for an estimator whose Σ is always 0 (e.g. learned without answers), where every multiplier calibrates the
+    same strategies."""
+    if mode not in SIGMA_MODES:
+        return (1.0,)
+    return config.sigma_scales if sim.estimator.uncertain else config.sigma_scales[:1]
 
 
 def _best(fits: list[Fit]) -> Fit:

@@ -212,10 +212,6 @@ def evaluate(
     config.max_depth = min(config.max_depth, train.k)
     train_points = single_model_points(train.quality, train.cost)
     budgets = budget_grid(train_points[:, 0], train_points[:, 1], config.n_budgets)
-    if not (estimator.uncertain or (calibration_estimator or estimator).uncertain):
-        # Σ = 0 everywhere: every multiplier calibrates the same strategies, so only the first is tried
-        config = dataclasses.replace(config, calibration=dataclasses.replace(
-            config.calibration, sigma_scales=config.calibration.sigma_scales[:1]))
     train_sim = Simulator(train, calibration_estimator or estimator, kernel=config.kernel)
     test_sim = Simulator(test, estimator, kernel=config.kernel)
     results = run_methods(train_sim, test_sim, budgets, config, log)

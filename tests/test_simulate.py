@@ -310,10 +310,12 @@ def test_a_sweep_keeps_one_sigma_scale_the_first_unless_another_is_clearly_bette
 
 
 class _SweepSim:
-    """A stand-in simulator whose strategies' per-query qualities are given per Σ multiplier."""
+    """A stand-in simulator whose strategies' per-query qualities are given per Σ multiplier (its estimator has a
+    Σ, so the sweep tries every multiplier)."""
 
     def __init__(self, quality: dict[float, torch.Tensor]) -> None:
         self.quality = quality
+        self.estimator = NoisyEstimator()
 
     def keeping_estimates(self):
         return contextlib.nullcontext()
