@@ -155,8 +155,8 @@ def calibrate(
     budget; 0.0: any cheaper strategy). When no multiplier meets the budget (below what the family can
     spend, or the cost estimates cannot tell near-equal-cost models apart, so that spending by ĉ alone
     costs more), the cheapest strategy seen is returned, the best quality among equals. For the modes that
-    use Σ, each of `config.sigma_scales` is calibrated and the best within the budget kept. `memo` lets a
-    budget sweep reuse simulations.
+    use Σ, each of `config.sigma_scales` is calibrated (the first alone for an estimator without Σ) and the best
+    within the budget kept. `memo` lets a budget sweep reuse simulations.
     """
     if mode == "routing":
         max_depth = 1
