@@ -210,8 +210,8 @@ class LearnedEstimator(QualityEstimator):
             train_variance(module, data, fit_rows, cfg.train, log=log)
             self._calibrate(module, data, val_rows)
         else:  # estimates never move, so `predict` gives Σ = 0: the variance head would be fitted for nothing
-            self.scale = 0.0
-            self.correlation = torch.eye(table.k).expand(cfg.train.max_depth + 1, table.k, table.k).clone()
+            self.scale = 0.0  # identity correlations, in float64 as `_calibrate` exports them
+            self.correlation = torch.eye(table.k, dtype=torch.float64).repeat(cfg.train.max_depth + 1, 1, 1)
         module.eval()
         return self
 

@@ -272,6 +272,7 @@ def test_without_answers_or_confidences_running_a_model_changes_no_estimate(tmp_
     estimator.save(tmp_path / "export")
     loaded = LearnedEstimator.load(tmp_path / "export")
     assert loaded.posthoc is False and loaded.uncertain is False
+    assert loaded.correlation.dtype == torch.float64  # exported as a calibrated estimator's are
     again = loaded.predict(loaded.featurize(test), rows, run)
     assert torch.equal(again.quality, est.quality) and bool((again.cov == 0).all())
     assert json.loads((tmp_path / "export" / "estimator.json").read_text())["posthoc"] is False
